@@ -1,0 +1,3 @@
+from moeprof.cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""Device-side capture of one MoE layer's routing, safe under CUDA graphs and Dynamo.
+
+Invariants:
+    - The buffers are allocated once, before warm-up, compilation and graph capture, sized for
+      the largest batch the engine may run (``max_num_batched_tokens`` rows).
+    - Inside the forward pass the only work is two slice copies into those buffers: no host
+      sync, no allocation, no Python branch on tensor values. CUDA graphs record the copies
+      and replay them; Dynamo traces them into the compiled graph.
+    - Every forward, dummy or real, overwrites rows ``[:n]``; padding rows beyond the real
+      tokens hold garbage. Only the host side, which knows the real token count of a real
+      step, decides which rows are read (see ``collector.py``).
+    - Ids are the logical expert ids returned by ``_compute_routing``, before any EPLB
+      logical-to-physical mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class RouteCapture:
+    """Static buffers that one router writes its ``topk_ids``/``topk_weights`` into."""
+
+    def __init__(self, max_tokens: int, top_k: int, device: torch.device) -> None:
+        self.max_tokens = max_tokens
+        self.top_k = top_k
+        self.ids = torch.zeros((max_tokens, top_k), dtype=torch.int32, device=device)
+        self.weights = torch.zeros((max_tokens, top_k), dtype=torch.float32, device=device)
+
+    def attach(self, router: Any) -> None:
+        """Wrap the router's ``_compute_routing`` (an instance attribute, the class is untouched)."""
+        compute: Callable[..., tuple[torch.Tensor, torch.Tensor]] = router._compute_routing
+        ids_buf, weights_buf = self.ids, self.weights
+
+        def _compute_routing_and_capture(*args: Any, **kwargs: Any):
+            topk_weights, topk_ids = compute(*args, **kwargs)
+            n = topk_ids.shape[0]
+            ids_buf[:n].copy_(topk_ids)
+            weights_buf[:n].copy_(topk_weights)
+            return topk_weights, topk_ids
+
+        router._compute_routing = _compute_routing_and_capture

@@ -1,0 +1,95 @@
+"""Wiring the hook into vLLM's worker, only in processes that import the worker at all.
+
+The front-end process of ``LLM(...)`` or ``vllm serve`` also loads the plugin but never imports
+the worker module, so it gets no patch; workers get theirs the moment the module is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from moeprof.hook import compat
+from moeprof.hook.config import HookConfig, load_config
+
+
+def install() -> None:
+    config = load_config()
+    _when_imported(compat.WORKER_MODULE, lambda module: _patch_worker(module, config))
+
+
+def _patch_worker(module: ModuleType, config: HookConfig) -> None:
+    cls = getattr(module, compat.WORKER_CLASS, None)
+    if cls is None or not all(hasattr(cls, m) for m in ("load_model", "execute_model")):
+        raise compat.unsupported(f"{compat.WORKER_MODULE}.{compat.WORKER_CLASS} has changed")
+    if getattr(cls, "_moeprof_patched", False):
+        return
+    from moeprof.hook.collector import StepCollector
+
+    load_model, execute_model = cls.load_model, cls.execute_model
+    shutdown = getattr(cls, "shutdown", None)
+
+    @functools.wraps(load_model)
+    def load_model_and_hook(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = load_model(self, *args, **kwargs)
+        if getattr(self, "_moeprof", None) is None:
+            self._moeprof = StepCollector.start(self, config)
+        return result
+
+    @functools.wraps(execute_model)
+    def execute_model_and_log(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        output = execute_model(self, scheduler_output, *args, **kwargs)
+        collector = self.__dict__.get("_moeprof")
+        if collector is not None:
+            collector.after_step(self.model_runner, scheduler_output)
+        return output
+
+    cls.load_model = load_model_and_hook
+    cls.execute_model = execute_model_and_log
+    if shutdown is not None:
+
+        @functools.wraps(shutdown)
+        def shutdown_and_flush(self: Any, *args: Any, **kwargs: Any) -> Any:
+            collector = self.__dict__.get("_moeprof")
+            if collector is not None:
+                collector.close()
+            return shutdown(self, *args, **kwargs)
+
+        cls.shutdown = shutdown_and_flush
+    cls._moeprof_patched = True
+
+
+def _when_imported(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """Run ``patch(module)`` right after ``name`` is first imported (now, if it already is)."""
+    if name in sys.modules:
+        patch(sys.modules[name])
+        return
+    sys.meta_path.insert(0, _PatchOnImport(name, patch))
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]) -> None:
+        self.name = name
+        self.patch = patch
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+        patch = self.patch
+
+        def exec_and_patch(module: ModuleType) -> None:
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        return spec

@@ -1,0 +1,145 @@
+"""The records of a moeprof log and of a generate run's outputs, shared by every part of moeprof.
+
+A log is JSON Lines: line 1 a :class:`MetaRecord`, every later line a :class:`RouteRecord`.
+The hook writes these records, ``validate``/``analyze``/``plot`` read them; nothing else
+defines the format. Only the fields DESIGN.md calls the minimum are required, so logs written
+by other tools parse; extra fields are kept (``extra="allow"``).
+
+Types are strict (a ``"3"`` is not a token index) because a log whose writer got the types
+wrong is a log whose numbers cannot be trusted either.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+"""Bumped when a field changes meaning; readers accept logs without it (other tools)."""
+
+Phase = Literal["prefill", "decode"]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+
+class MetaRecord(_Record):
+    """The header line: what produced the log and how to read its routes."""
+
+    type: Literal["meta"]
+    model_id: str
+    vllm_version: str
+    torch_version: str
+    device: str
+    seed: int | None = None
+    layers_logged: Annotated[list[NonNegInt], Field(min_length=1)]
+    top_k: Annotated[int, Field(ge=1)]
+    num_experts: Annotated[int, Field(ge=1)] | None = None
+    schema_version: int | None = None
+    prefix_caching: bool | None = None
+    """Cached prompt tokens skip the router; with caching on, prompts can lack routes."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MetaRecord:
+        if len(set(self.layers_logged)) != len(self.layers_logged):
+            raise ValueError(f"layers_logged has repeated layers: {self.layers_logged}")
+        if self.num_experts is not None and self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        return self
+
+
+class RouteRecord(_Record):
+    """One real token's routing decision at one layer."""
+
+    type: Literal["route"]
+    req_id: Annotated[str, Field(min_length=1)]
+    token_idx: NonNegInt
+    """Position of the token in its request, prompt tokens first."""
+    layer: NonNegInt
+    topk_ids: list[int]
+    topk_weights: list[float]
+    phase: Phase | None = None
+
+    @model_validator(mode="after")
+    def _check(self, info: Any) -> RouteRecord:
+        meta: MetaRecord | None = (info.context or {}).get("meta") if info else None
+        problem = route_problem(self.topk_ids, self.topk_weights, self.layer, meta)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def route_problem(
+    ids: list[int], weights: list[float], layer: int, meta: MetaRecord | None
+) -> str | None:
+    """The first thing wrong with a route's lists against its meta, or None."""
+    if len(ids) != len(weights):
+        return f"topk_ids has {len(ids)} entries but topk_weights has {len(weights)}"
+    if meta is not None:
+        if len(ids) != meta.top_k:
+            return f"topk_ids has {len(ids)} entries, expected top_k={meta.top_k}"
+        if layer not in meta.layers_logged:
+            return f"layer {layer} is not in layers_logged {meta.layers_logged}"
+    if not ids:
+        return "topk_ids is empty"
+    if len(set(ids)) != len(ids):
+        return f"topk_ids repeats an expert: {ids}"
+    if min(ids) < 0:
+        return f"topk_ids has a negative expert id: {ids}"
+    if meta is not None and meta.num_experts is not None and max(ids) >= meta.num_experts:
+        return f"expert id {max(ids)} is out of range for num_experts={meta.num_experts}"
+    for w in weights:
+        if not math.isfinite(w):
+            return f"topk_weights has a non-finite value: {w}"
+    return None
+
+
+class OutputRecord(_Record):
+    """One request of a ``generate`` run, so that a log's token accounting can be checked."""
+
+    req_id: Annotated[str, Field(min_length=1)]
+    prompt_tokens: NonNegInt
+    generated_tokens: NonNegInt
+    prompt_idx: NonNegInt | None = None
+    output_token_ids: list[int] | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+    @property
+    def expected_routes(self) -> int:
+        """Every token the model was fed: the last sampled token is never fed back."""
+        return self.prompt_tokens + max(self.generated_tokens - 1, 0)
+
+
+def parse_meta(line: str | bytes) -> MetaRecord:
+    return MetaRecord.model_validate_json(line)
+
+
+def parse_route(line: str | bytes, meta: MetaRecord | None = None) -> RouteRecord:
+    return RouteRecord.model_validate_json(line, context={"meta": meta})
+
+
+def explain(exc: ValidationError) -> str:
+    """One line a person can act on, from pydantic's error list (the first error wins)."""
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "json_invalid":
+        return f"not valid JSON ({err.get('ctx', {}).get('error', msg)})"
+    if err["type"] == "missing":
+        return f"missing field '{loc}'"
+    if loc:
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r:.60})"
+        return f"{loc}: {msg}{shown}"
+    return msg
+
+
+def meta_dict(**fields: Any) -> dict[str, Any]:
+    """A validated meta header as a plain dict, for writers that serialise it themselves."""
+    meta = MetaRecord(type="meta", schema_version=SCHEMA_VERSION, **fields)
+    return meta.model_dump(mode="json")
