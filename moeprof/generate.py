@@ -1,0 +1,272 @@
+"""Baseline and logged generation runs, each in a fresh engine process, and what they produced.
+
+The parent never imports vLLM: it writes a spec, starts ``moeprof.engine_run`` with the hook's
+environment set (or unset), relays its progress events, and turns the results into
+``timing.json`` and ``outputs.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeprof.errors import UserError
+
+REFERENCE_MODEL = "Qwen/Qwen1.5-MoE-A2.7B-Chat"
+CPU_PARAM_LIMIT = 3e9
+"""Above this many parameters a model is too big to be worth running on these CPU machines."""
+
+EventHandler = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Settings:
+    """The reference settings of a run; every one can be overridden from the CLI."""
+
+    model: str
+    model_label: str
+    prompts: list[str]
+    max_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 1234
+    max_model_len: int = 512
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    dtype: str = "auto"
+    gpu_memory_utilization: float | None = None
+    repeat: int = 1
+    ignore_eos: bool = False
+    chat: bool | None = None
+    prompt_token_ids: list[list[int]] | None = None
+    skip_tokenizer_init: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def has_nvidia_gpu() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def resolve_model(model: str | None) -> tuple[str, str]:
+    """(what vLLM loads, what to call it): the reference model on a GPU, the tiny one otherwise."""
+    if model is None:
+        model = REFERENCE_MODEL if has_nvidia_gpu() else "tiny"
+    if model == "tiny":
+        from moeprof.tiny import tiny_model_path
+
+        return str(tiny_model_path()), "tiny (moeprof's embedded Qwen2MoE)"
+    local = Path(model).expanduser()
+    if local.is_dir():
+        _refuse_big_model_on_cpu(local / "config.json", model)
+        return str(local.absolute()), model
+    return _fetch_hub_config(model), model
+
+
+def _fetch_hub_config(model: str) -> str:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config = hf_hub_download(model, "config.json")
+    except Exception as e:
+        raise UserError(
+            f"cannot fetch {model} from the Hugging Face hub ({type(e).__name__}); "
+            "offline? pass a local model folder, or --model tiny for the embedded model"
+        ) from None
+    _refuse_big_model_on_cpu(Path(config), model)
+    return model
+
+
+def estimate_params(config: dict[str, Any]) -> float:
+    c = config.get("text_config", config)
+    h, layers = c.get("hidden_size", 0), c.get("num_hidden_layers", 0)
+    experts = c.get("num_experts") or c.get("n_routed_experts") or 0
+    moe_i = c.get("moe_intermediate_size") or 0
+    dense_i = c.get("shared_expert_intermediate_size") or c.get("intermediate_size") or 0
+    per_layer = 4 * h * h + 3 * h * (experts * moe_i + dense_i)
+    return layers * per_layer + 2 * c.get("vocab_size", 0) * h
+
+
+def _refuse_big_model_on_cpu(config_path: Path, model: str) -> None:
+    if has_nvidia_gpu() or not config_path.is_file():
+        return
+    params = estimate_params(json.loads(config_path.read_text()))
+    if params > CPU_PARAM_LIMIT:
+        raise UserError(
+            f"{model} has about {params / 1e9:.1f}B parameters and this machine has no NVIDIA "
+            "GPU; run it on a GPU machine, or use --model tiny"
+        )
+
+
+def output_paths(out_dir: Path, log: Path | None) -> dict[str, Path]:
+    return {
+        "log": log if log is not None else out_dir / "moe_routes.jsonl",
+        "timing": out_dir / "timing.json",
+        "outputs": out_dir / "outputs.jsonl",
+    }
+
+
+def refuse_overwrite(paths: dict[str, Path], force: bool) -> None:
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not force:
+        raise UserError(
+            f"{', '.join(existing)} already exist(s) from a previous run; "
+            "use --force to overwrite, or --out-dir for a new folder"
+        )
+
+
+def run_engine(
+    name: str,
+    settings: Settings,
+    *,
+    log: Path | None,
+    layer: int,
+    vllm_log: Path,
+    on_event: EventHandler,
+    overwrite_log: bool = False,
+) -> dict[str, Any]:
+    """One engine in a fresh process; with ``log`` set, the hook logs layer ``layer`` there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_LOG_MOE", "VLLM_MOE_"))}
+    env.pop("_MOEPROF_CHECKED_PATH", None)
+    env.update(settings.extra_env)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if log is not None:
+        env["VLLM_LOG_MOE"] = str(log.absolute())
+        env["VLLM_MOE_LAYER"] = str(layer)
+        if overwrite_log:
+            env["VLLM_LOG_MOE_OVERWRITE"] = "1"
+    spec = asdict(settings)
+    spec.pop("extra_env")
+    with tempfile.TemporaryDirectory(prefix="moeprof-run-") as tmp:
+        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
+        spec_path.write_text(json.dumps(spec))
+        read_fd, write_fd = os.pipe()
+        vllm_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(vllm_log, "w") as log_fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moeprof.engine_run", str(spec_path), str(result_path),
+                 str(write_fd)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(write_fd,),
+            )
+            os.close(write_fd)
+            reader = threading.Thread(target=_relay, args=(read_fd, name, on_event), daemon=True)
+            reader.start()
+            code = proc.wait()
+            reader.join(5)
+        if code != 0 or not result_path.is_file():
+            raise UserError(f"the {name} run failed: {failure_reason(vllm_log)} (log: {vllm_log})")
+        return json.loads(result_path.read_text())
+
+
+def _relay(fd: int, name: str, on_event: EventHandler) -> None:
+    with os.fdopen(fd) as fh:
+        for line in fh:
+            try:
+                on_event(name, json.loads(line))
+            except ValueError:
+                continue
+
+
+_REASON = re.compile(r"(moeprof: .*|\w+(?:Error|Exception): .*)$")
+
+
+def failure_reason(vllm_log: Path) -> str:
+    """The most telling line of a failed engine's output: ours first, else the last exception."""
+    try:
+        lines = vllm_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "the engine process died"
+    ours = [m.group(1) for line in lines if (m := _REASON.search(line)) and "moeprof:" in line]
+    if ours:
+        return ours[-1].split("moeprof: ", 1)[-1]
+    found = [m.group(1) for line in lines if (m := _REASON.search(line))]
+    generic = [f for f in found if not f.startswith("RuntimeError: Engine core initialization")]
+    if generic:
+        return generic[-1]
+    return found[-1] if found else "the engine process exited with an error"
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    """Median and spread over the passes; generation time only, engine start apart."""
+    walls = [p["wall_time_sec"] for p in result["passes"]]
+    wall = statistics.median(walls)
+    gen = result["passes"][0]["tokens_generated"]
+    return {
+        "wall_time_sec": wall,
+        "wall_time_sec_all": walls,
+        "spread_sec": max(walls) - min(walls),
+        "engine_start_sec": result["engine_start_sec"],
+        "tokens_generated": gen,
+        "prompt_tokens": result["passes"][0]["prompt_tokens"],
+        "tokens_per_sec": gen / wall if wall > 0 else None,
+        "passes": len(walls),
+    }
+
+
+def token_ids(result: dict[str, Any]) -> list[list[int]]:
+    return [o["output_token_ids"] for o in result["outputs"]]
+
+
+def timing_report(
+    settings: Settings,
+    baseline: dict[str, Any] | None,
+    logged: dict[str, Any] | None,
+    log_path: Path | None,
+    routes: int | None,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "model": settings.model_label,
+        "settings": {
+            k: v
+            for k, v in asdict(settings).items()
+            if k not in ("prompts", "prompt_token_ids", "extra_env", "model_label")
+        }
+        | {"num_prompts": len(settings.prompt_token_ids or settings.prompts)},
+        "prefix_caching": False,
+    }
+    any_run = logged or baseline
+    assert any_run is not None
+    report["vllm_version"] = any_run["vllm_version"]
+    report["torch_version"] = any_run["torch_version"]
+    if baseline:
+        report["no_log"] = summarise(baseline)
+    if logged:
+        report["log"] = summarise(logged) | {"log_path": str(log_path), "routes": routes}
+    if baseline and logged:
+        base, with_log = report["no_log"]["wall_time_sec"], report["log"]["wall_time_sec"]
+        report["overhead_pct"] = (with_log / base - 1.0) * 100.0 if base > 0 else None
+        report["identical_tokens"] = token_ids(baseline) == token_ids(logged)
+    return report
+
+
+def write_outputs(path: Path, result: dict[str, Any]) -> None:
+    from moeprof.schema import OutputRecord
+
+    with open(path, "w", encoding="utf-8") as fh:
+        for out in result["outputs"]:
+            record = OutputRecord(**out)
+            fh.write(record.model_dump_json(exclude_none=True) + "\n")
+
+
+def count_routes(log: Path) -> int:
+    with open(log, "rb") as fh:
+        return max(sum(1 for _ in fh) - 1, 0)

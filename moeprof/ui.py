@@ -1,0 +1,95 @@
+"""What ``generate`` shows on the terminal: live progress of the engine runs and a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+
+class RunProgress:
+    """A spinner while an engine starts, a bar of prompts done while it generates."""
+
+    def __init__(self, console: Console, total_prompts: int) -> None:
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._total = total_prompts
+        self._tasks: dict[str, Any] = {}
+        self._done_before: dict[str, int] = {}
+        self._pass_start: dict[str, float] = {}
+
+    def __enter__(self) -> RunProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.__exit__(*exc)
+
+    def on_event(self, run: str, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "engine_starting":
+            self._tasks[run] = self._progress.add_task(
+                f"{run}: starting engine", total=self._total, rate=""
+            )
+            self._done_before[run] = 0
+            return
+        task = self._tasks.get(run)
+        if task is None:
+            return
+        if kind == "engine_ready":
+            self._progress.update(task, description=f"{run}: engine up in {event['seconds']:.0f}s")
+        elif kind == "progress":
+            self._progress.update(task, completed=self._done_before[run] + event["done"],
+                                  description=f"{run}: generating")
+        elif kind == "pass_done":
+            self._done_before[run] += self._total // max(1, event.get("total", 1) or 1)
+            rate = event["tokens"] / event["seconds"] if event["seconds"] else 0.0
+            self._progress.update(task, rate=f"{rate:,.0f} tok/s")
+        elif kind == "engine_stopped":
+            self._progress.update(task, description=f"{run}: done", completed=self._total)
+
+
+def print_generate_summary(console: Console, report: dict[str, Any], paths: dict[str, Path]) -> None:
+    table = Table(title=f"moeprof generate: {report['model']}", title_justify="left")
+    table.add_column("")
+    runs = [(k, report[k]) for k in ("no_log", "log") if k in report]
+    for name, _ in runs:
+        table.add_column("without log" if name == "no_log" else "with log", justify="right")
+    rows = [
+        ("prompt tokens", lambda r: f"{r['prompt_tokens']:,}"),
+        ("generated tokens", lambda r: f"{r['tokens_generated']:,}"),
+        ("generation wall time", lambda r: f"{r['wall_time_sec']:.2f} s"),
+        ("tokens / s", lambda r: f"{r['tokens_per_sec']:,.1f}" if r["tokens_per_sec"] else "-"),
+        ("engine start", lambda r: f"{r['engine_start_sec']:.1f} s"),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *(cell(r) for _, r in runs))
+    console.print(table)
+    if "overhead_pct" in report:
+        same = "identical" if report["identical_tokens"] else "[bold red]DIFFERENT[/]"
+        console.print(
+            f"logging overhead: [bold]{report['overhead_pct']:+.1f}%[/] generation wall time "
+            f"(one pass each; use --repeat or bench/overhead.py for a measured ratio); "
+            f"generated tokens {same}"
+        )
+    if "log" in report:
+        console.print(f"log: [bold]{paths['log']}[/] ({report['log']['routes']:,} routes)")
+    console.print(f"timing: {paths['timing']}  outputs: {paths['outputs']}")

@@ -1,0 +1,242 @@
+"""The hook inside real vLLM (the CPU build) on the embedded tiny model.
+
+Engine starts are the cost here (30-60 s each on two cores), so one module-scoped pair of runs,
+compiled as users run it, carries most of the tests; eager mode, a second layer, the flag-off
+probe and the failure cases start one engine each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
+
+from moeprof import generate  # noqa: E402
+from moeprof.tiny import CONFIG, tiny_model_path  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = [
+    "Janet's ducks lay 16 eggs per day. How many dollars does she make?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber.",
+    "Hi",
+    "Every morning Tom reads 20 pages of his 340 page book. How many days does he need?",
+]
+MAX_TOKENS = 12
+LAYER = 1
+TOP_K = CONFIG["num_experts_per_tok"]
+
+
+def _settings(**overrides: Any) -> generate.Settings:
+    base = dict(
+        model=str(tiny_model_path()),
+        model_label="tiny",
+        prompts=PROMPTS,
+        max_tokens=MAX_TOKENS,
+        max_model_len=256,
+        dtype="float32",
+    )
+    return generate.Settings(**(base | overrides))
+
+
+def _run(name: str, tmp: Path, log: Path | None, layer: int = LAYER, **kw: Any) -> dict:
+    return generate.run_engine(
+        name, _settings(**kw), log=log, layer=layer, vllm_log=tmp / f"{name}.txt",
+        on_event=lambda *_: None,
+    )
+
+
+def _read_log(path: Path) -> tuple[dict, list[dict]]:
+    lines = path.read_text().splitlines()
+    return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("hook")
+    log = tmp / "routes.jsonl"
+    baseline = _run("baseline", tmp, None)
+    logged = _run("logged", tmp, log)
+    meta, routes = _read_log(log)
+    return {"baseline": baseline, "logged": logged, "log": log, "meta": meta, "routes": routes,
+            "tmp": tmp}
+
+
+def _by_request(routes: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for r in routes:
+        grouped[r["req_id"]].append(r)
+    return grouped
+
+
+def test_logged_run_has_one_route_per_real_token(runs: dict) -> None:
+    grouped = _by_request(runs["routes"])
+    outputs = runs["logged"]["outputs"]
+    assert len(grouped) == len(PROMPTS)
+    for out in outputs:
+        positions = [r["token_idx"] for r in grouped[out["req_id"]]]
+        assert len(positions) == out["prompt_tokens"] + out["generated_tokens"] - 1
+        assert sorted(positions) == list(range(len(positions)))
+
+
+def test_req_ids_are_the_ids_of_the_request_outputs(runs: dict) -> None:
+    assert {r["req_id"] for r in runs["routes"]} == {o["req_id"] for o in runs["logged"]["outputs"]}
+
+
+def test_prompt_tokens_are_prefill_and_fed_back_tokens_are_decode(runs: dict) -> None:
+    grouped = _by_request(runs["routes"])
+    for out in runs["logged"]["outputs"]:
+        for r in grouped[out["req_id"]]:
+            expected = "prefill" if r["token_idx"] < out["prompt_tokens"] else "decode"
+            assert r["phase"] == expected, r
+
+
+def test_meta_header_describes_the_run(runs: dict) -> None:
+    meta = runs["meta"]
+    assert meta["type"] == "meta"
+    assert meta["layers_logged"] == [LAYER]
+    assert meta["top_k"] == TOP_K
+    assert meta["num_experts"] == CONFIG["num_experts"]
+    assert meta["prefix_caching"] is False
+    assert meta["seed"] == 1234
+    assert meta["vllm_version"] == runs["logged"]["vllm_version"]
+
+
+def test_logging_does_not_change_generated_tokens(runs: dict) -> None:
+    assert generate.token_ids(runs["baseline"]) == generate.token_ids(runs["logged"])
+    assert all(len(ids) == MAX_TOKENS for ids in generate.token_ids(runs["logged"]))
+
+
+def test_every_route_has_top_k_distinct_experts_and_finite_weights(runs: dict) -> None:
+    for r in runs["routes"]:
+        assert r["layer"] == LAYER
+        assert len(set(r["topk_ids"])) == TOP_K
+        assert all(0 <= e < CONFIG["num_experts"] for e in r["topk_ids"])
+        assert np.isfinite(r["topk_weights"]).all()
+
+
+def _hf_router_topk(layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per prompt: (top-k ids, top-k probs) of every prompt token at ``layer``, from transformers."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = tiny_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    result = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model(ids, output_router_logits=True)
+        probs = torch.softmax(out.router_logits[layer].float(), dim=-1)
+        result.append(probs.numpy())
+    return result
+
+
+def _assert_routes_match_reference(routes: list[dict], outputs: list[dict], layer: int) -> None:
+    reference = _hf_router_topk(layer)
+    grouped = _by_request(routes)
+    checked = 0
+    for out in outputs:
+        probs = reference[out["prompt_idx"]]
+        assert probs.shape[0] == out["prompt_tokens"]
+        for r in grouped[out["req_id"]]:
+            if r["phase"] != "prefill":
+                continue
+            p = probs[r["token_idx"]]
+            kth = np.sort(p)[-TOP_K]
+            ours = set(r["topk_ids"])
+            theirs = set(np.argsort(p)[-TOP_K:].tolist())
+            for expert in ours ^ theirs:  # only near-ties may flip
+                assert abs(p[expert] - kth) < 1e-3, (r, p[expert], kth)
+            for expert, weight in zip(r["topk_ids"], r["topk_weights"]):
+                assert weight == pytest.approx(p[expert], abs=1e-4)
+            checked += 1
+    assert checked == sum(o["prompt_tokens"] for o in outputs)
+
+
+def test_logged_routes_equal_transformers_router_top_k(runs: dict) -> None:
+    _assert_routes_match_reference(runs["routes"], runs["logged"]["outputs"], LAYER)
+
+
+def test_eager_mode_logs_another_layer_with_its_own_routes(runs: dict) -> None:
+    log = runs["tmp"] / "eager-layer3.jsonl"
+    result = _run("eager", runs["tmp"], log, layer=3, enforce_eager=True)
+    meta, routes = _read_log(log)
+    assert meta["layers_logged"] == [3]
+    assert len(routes) == len(runs["routes"])
+    _assert_routes_match_reference(routes, result["outputs"], 3)
+    ours = [r["topk_ids"] for r in routes]
+    layer1 = [r["topk_ids"] for r in runs["routes"]]
+    assert sum(a != b for a, b in zip(ours, layer1)) > len(ours) // 2
+
+
+def test_log_passes_validate_with_outputs(runs: dict) -> None:
+    outputs = runs["tmp"] / "outputs.jsonl"
+    generate.write_outputs(outputs, runs["logged"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "moeprof", "validate", str(runs["log"]), "--outputs", str(outputs)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _probe(tmp: Path, env_extra: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_LOG_MOE", "_MOEPROF"))}
+    env |= {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_CPU_KVCACHE_SPACE": "1"} | env_extra
+    result = tmp / "probe.json"
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("vllm_probe.py")), str(result)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
+def test_with_the_flag_unset_only_the_plugin_entry_point_is_imported(tmp_path: Path) -> None:
+    probe = _probe(tmp_path, {})
+    (modules,) = probe["worker_modules"]
+    assert modules == ["moeprof", "moeprof.hook", "moeprof.hook.plugin"]
+
+
+def _expect_start_failure(tmp: Path, env_extra: dict[str, str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_LOG_MOE", "_MOEPROF"))}
+    env |= {"VLLM_CPU_KVCACHE_SPACE": "1"} | env_extra
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("vllm_probe.py")), str(tmp / "r.json")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp / "r.json").exists()
+
+
+def test_a_layer_that_is_not_an_moe_layer_stops_the_engine_start(tmp_path: Path) -> None:
+    _expect_start_failure(
+        tmp_path,
+        {"VLLM_LOG_MOE": str(tmp_path / "log.jsonl"), "VLLM_MOE_LAYER": "7"},
+        "VLLM_MOE_LAYER=7 is not an MoE layer of",
+    )
+
+
+def test_an_unwritable_log_path_stops_the_engine_start(tmp_path: Path) -> None:
+    _expect_start_failure(
+        tmp_path,
+        {"VLLM_LOG_MOE": str(tmp_path / "missing-dir" / "log.jsonl")},
+        "does not exist",
+    )
+
+
+def test_an_existing_log_is_not_overwritten(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_text("precious\n")
+    _expect_start_failure(tmp_path, {"VLLM_LOG_MOE": str(log)}, "already exists")
+    assert log.read_text() == "precious\n"
