@@ -62,8 +62,11 @@ def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
         load_format=spec["load_format"],
         dtype=spec["dtype"],
         skip_tokenizer_init=spec.get("skip_tokenizer_init", False),
-        **({"gpu_memory_utilization": spec["gpu_memory_utilization"]}
-           if spec.get("gpu_memory_utilization") else {}),
+        **(
+            {"gpu_memory_utilization": spec["gpu_memory_utilization"]}
+            if spec.get("gpu_memory_utilization")
+            else {}
+        ),
     )
     engine_start = time.perf_counter() - t0
     events.emit("engine_ready", seconds=engine_start)
@@ -79,6 +82,11 @@ def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
     bar = _progress_bar(events)
     passes: list[dict[str, Any]] = []
     outputs: list[dict[str, Any]] = []
+    warmup_outputs: list[dict[str, Any]] = []
+    for _ in range(spec.get("warmup", 0)):
+        warm = llm.generate(prompts, params, use_tqdm=False)
+        warmup_outputs.extend(_output_records(warm, rep=-1))
+        events.emit("warmup_done")
     for rep in range(spec["repeat"]):
         events.emit("pass_starting", index=rep, total=spec["repeat"])
         t0 = time.perf_counter()
@@ -89,20 +97,7 @@ def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
         passes.append(
             {"wall_time_sec": wall, "tokens_generated": gen_toks, "prompt_tokens": prompt_toks}
         )
-        for idx, r in enumerate(results):
-            out = r.outputs[0]
-            outputs.append(
-                {
-                    "req_id": r.request_id,
-                    "prompt_idx": idx,
-                    "repeat": rep,
-                    "prompt_tokens": len(r.prompt_token_ids or []),
-                    "generated_tokens": len(out.token_ids),
-                    "output_token_ids": list(out.token_ids),
-                    "text": out.text,
-                    "finish_reason": out.finish_reason,
-                }
-            )
+        outputs.extend(_output_records(results, rep))
         events.emit("pass_done", index=rep, seconds=wall, tokens=gen_toks)
     t0 = time.perf_counter()
     llm.llm_engine.engine_core.shutdown()
@@ -114,9 +109,29 @@ def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
         "engine_start_sec": engine_start,
         "passes": passes,
         "outputs": outputs,
+        "warmup_outputs": warmup_outputs,
         "vllm_version": vllm.__version__,
         "torch_version": torch.__version__,
     }
+
+
+def _output_records(results: list[Any], rep: int) -> list[dict[str, Any]]:
+    records = []
+    for idx, r in enumerate(results):
+        out = r.outputs[0]
+        records.append(
+            {
+                "req_id": r.request_id,
+                "prompt_idx": idx,
+                "repeat": rep,
+                "prompt_tokens": len(r.prompt_token_ids or []),
+                "generated_tokens": len(out.token_ids),
+                "output_token_ids": list(out.token_ids),
+                "text": out.text,
+                "finish_reason": out.finish_reason,
+            }
+        )
+    return records
 
 
 def _prompts(llm: Any, spec: dict[str, Any]) -> list[Any]:

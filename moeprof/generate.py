@@ -46,6 +46,8 @@ class Settings:
     dtype: str = "auto"
     gpu_memory_utilization: float | None = None
     repeat: int = 1
+    warmup: int = 0
+    """Untimed passes before the timed ones (benchmarks); a logged engine logs them too."""
     ignore_eos: bool = False
     chat: bool | None = None
     prompt_token_ids: list[list[int]] | None = None
@@ -159,8 +161,14 @@ def run_engine(
         vllm_log.parent.mkdir(parents=True, exist_ok=True)
         with open(vllm_log, "w") as log_fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "moeprof.engine_run", str(spec_path), str(result_path),
-                 str(write_fd)],
+                [
+                    sys.executable,
+                    "-m",
+                    "moeprof.engine_run",
+                    str(spec_path),
+                    str(result_path),
+                    str(write_fd),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log_fh,
                 stderr=subprocess.STDOUT,
@@ -238,7 +246,7 @@ def timing_report(
         "settings": {
             k: v
             for k, v in asdict(settings).items()
-            if k not in ("prompts", "prompt_token_ids", "extra_env", "model_label")
+            if k not in ("prompts", "prompt_token_ids", "extra_env", "model_label", "warmup")
         }
         | {"num_prompts": len(settings.prompt_token_ids or settings.prompts)},
         "prefix_caching": False,

@@ -18,10 +18,7 @@ HUB_DATASET = ("openai/gsm8k", "main")
 
 def load_gsm8k(n: int, source: Path | None = None) -> list[str]:
     """The first ``n`` questions of the GSM8K test split, in the split's order."""
-    if source is not None:
-        questions = _local_questions(source, n)
-    else:
-        questions = _hub_questions(n)
+    questions = _local_questions(source, n) if source is not None else _hub_questions(n)
     if len(questions) < n:
         where = source or "the hub"
         raise UserError(f"{where}: only {len(questions)} questions, {n} asked for")
@@ -76,7 +73,10 @@ def write_prompts(
     for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".jsonl":
-            lines = (json.dumps({"idx": i, "prompt": q}, ensure_ascii=False) for i, q in enumerate(questions))
+            lines = (
+                json.dumps({"idx": i, "prompt": q}, ensure_ascii=False)
+                for i, q in enumerate(questions)
+            )
             path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         else:
             path.write_text(SEPARATOR.join(q.strip() for q in questions) + "\n", encoding="utf-8")

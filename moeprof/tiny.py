@@ -49,7 +49,7 @@ CONFIG = {
     "use_cache": True,
 }
 VOCAB_SIZE = 1024
-"""The most merges the tokenizer may learn; the corpus yields fewer, and the model uses that size."""
+"""The most merges the tokenizer may learn; the corpus yields fewer, the model uses that."""
 EOS = "<|endoftext|>"
 
 # Text the tokenizer learns its merges from: grade-school word problems in our own words.
@@ -179,5 +179,8 @@ def _build_weights(out: Path, config: dict) -> None:
         w[f"{p}.mlp.shared_expert.up_proj.weight"] = normal(shared_i, h, std=h**-0.5)
         w[f"{p}.mlp.shared_expert.down_proj.weight"] = normal(h, shared_i, std=shared_i**-0.5)
         w[f"{p}.mlp.shared_expert_gate.weight"] = normal(1, h, std=h**-0.5)
-    save_file({k: v.contiguous() for k, v in w.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in w.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )

@@ -57,8 +57,11 @@ class RunProgress:
         if kind == "engine_ready":
             self._progress.update(task, description=f"{run}: engine up in {event['seconds']:.0f}s")
         elif kind == "progress":
-            self._progress.update(task, completed=self._done_before[run] + event["done"],
-                                  description=f"{run}: generating")
+            self._progress.update(
+                task,
+                completed=self._done_before[run] + event["done"],
+                description=f"{run}: generating",
+            )
         elif kind == "pass_done":
             self._done_before[run] += self._total // max(1, event.get("total", 1) or 1)
             rate = event["tokens"] / event["seconds"] if event["seconds"] else 0.0
@@ -67,7 +70,9 @@ class RunProgress:
             self._progress.update(task, description=f"{run}: done", completed=self._total)
 
 
-def print_generate_summary(console: Console, report: dict[str, Any], paths: dict[str, Path]) -> None:
+def print_generate_summary(
+    console: Console, report: dict[str, Any], paths: dict[str, Path]
+) -> None:
     table = Table(title=f"moeprof generate: {report['model']}", title_justify="left")
     table.add_column("")
     runs = [(k, report[k]) for k in ("no_log", "log") if k in report]

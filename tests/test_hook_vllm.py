@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
-from moeprof import generate  # noqa: E402
-from moeprof.tiny import CONFIG, tiny_model_path  # noqa: E402
+from moeprof import generate
+from moeprof.tiny import CONFIG, tiny_model_path
 
 pytestmark = pytest.mark.vllm
 
@@ -50,7 +50,11 @@ def _settings(**overrides: Any) -> generate.Settings:
 
 def _run(name: str, tmp: Path, log: Path | None, layer: int = LAYER, **kw: Any) -> dict:
     return generate.run_engine(
-        name, _settings(**kw), log=log, layer=layer, vllm_log=tmp / f"{name}.txt",
+        name,
+        _settings(**kw),
+        log=log,
+        layer=layer,
+        vllm_log=tmp / f"{name}.txt",
         on_event=lambda *_: None,
     )
 
@@ -67,8 +71,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     baseline = _run("baseline", tmp, None)
     logged = _run("logged", tmp, log)
     meta, routes = _read_log(log)
-    return {"baseline": baseline, "logged": logged, "log": log, "meta": meta, "routes": routes,
-            "tmp": tmp}
+    return {
+        "baseline": baseline,
+        "logged": logged,
+        "log": log,
+        "meta": meta,
+        "routes": routes,
+        "tmp": tmp,
+    }
 
 
 def _by_request(routes: list[dict]) -> dict[str, list[dict]]:
@@ -125,7 +135,7 @@ def test_every_route_has_top_k_distinct_experts_and_finite_weights(runs: dict) -
 
 
 def _hf_router_topk(layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per prompt: (top-k ids, top-k probs) of every prompt token at ``layer``, from transformers."""
+    """Per prompt: router probabilities of every prompt token at ``layer``, from transformers."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     path = tiny_model_path()
@@ -157,7 +167,7 @@ def _assert_routes_match_reference(routes: list[dict], outputs: list[dict], laye
             theirs = set(np.argsort(p)[-TOP_K:].tolist())
             for expert in ours ^ theirs:  # only near-ties may flip
                 assert abs(p[expert] - kth) < 1e-3, (r, p[expert], kth)
-            for expert, weight in zip(r["topk_ids"], r["topk_weights"]):
+            for expert, weight in zip(r["topk_ids"], r["topk_weights"], strict=False):
                 assert weight == pytest.approx(p[expert], abs=1e-4)
             checked += 1
     assert checked == sum(o["prompt_tokens"] for o in outputs)
@@ -176,7 +186,7 @@ def test_eager_mode_logs_another_layer_with_its_own_routes(runs: dict) -> None:
     _assert_routes_match_reference(routes, result["outputs"], 3)
     ours = [r["topk_ids"] for r in routes]
     layer1 = [r["topk_ids"] for r in runs["routes"]]
-    assert sum(a != b for a, b in zip(ours, layer1)) > len(ours) // 2
+    assert sum(a != b for a, b in zip(ours, layer1, strict=False)) > len(ours) // 2
 
 
 def test_log_passes_validate_with_outputs(runs: dict) -> None:
@@ -184,7 +194,8 @@ def test_log_passes_validate_with_outputs(runs: dict) -> None:
     generate.write_outputs(outputs, runs["logged"])
     proc = subprocess.run(
         [sys.executable, "-m", "moeprof", "validate", str(runs["log"]), "--outputs", str(outputs)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -195,7 +206,10 @@ def _probe(tmp: Path, env_extra: dict[str, str]) -> dict:
     result = tmp / "probe.json"
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("vllm_probe.py")), str(result)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(result.read_text())
@@ -212,7 +226,10 @@ def _expect_start_failure(tmp: Path, env_extra: dict[str, str], message: str) ->
     env |= {"VLLM_CPU_KVCACHE_SPACE": "1"} | env_extra
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("vllm_probe.py")), str(tmp / "r.json")],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr

@@ -33,9 +33,7 @@ def main(result_path: str) -> None:
     modules = llm.collective_rpc(_worker_modules)
     llm.llm_engine.engine_core.shutdown()
     with open(result_path, "w") as fh:
-        json.dump(
-            {"worker_modules": modules, "tokens": list(out[0].outputs[0].token_ids)}, fh
-        )
+        json.dump({"worker_modules": modules, "tokens": list(out[0].outputs[0].token_ids)}, fh)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class RouteCapture:
         self.weights = torch.zeros((max_tokens, top_k), dtype=torch.float32, device=device)
 
     def attach(self, router: Any) -> None:
-        """Wrap the router's ``_compute_routing`` (an instance attribute, the class is untouched)."""
+        """Wrap the router's ``_compute_routing`` on the instance; the class stays untouched."""
         compute: Callable[..., tuple[torch.Tensor, torch.Tensor]] = router._compute_routing
         ids_buf, weights_buf = self.ids, self.weights
 

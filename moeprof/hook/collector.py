@@ -25,7 +25,7 @@ from moeprof.schema import meta_dict
 logger = logging.getLogger("moeprof.hook")
 
 NUM_SLOTS = 4
-"""Host slots in flight: the model thread waits for a free one only if the writer is 4 steps behind."""
+"""Host slots in flight: the model thread waits only if the writer is 4 steps behind."""
 
 
 class _Slot:
@@ -47,6 +47,8 @@ class StepCollector:
             self._free.put(_Slot(capture.max_tokens, capture.top_k, device))
         self._pending_finished: set[str] = set()
         self.disabled = False
+        self.armed = False
+        """False until the engine's warm-up is over (see ``install._arm_after_warmup``)."""
         atexit.register(self.close)
 
     @classmethod
@@ -104,7 +106,11 @@ class StepCollector:
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
         writer = LogWriter(
-            path, meta, config.layer, int(router.top_k), compat.external_request_id,
+            path,
+            meta,
+            config.layer,
+            int(router.top_k),
+            compat.external_request_id,
             overwrite=config.overwrite,
         )
         capture = RouteCapture(max_tokens, int(router.top_k), device)
@@ -113,8 +119,8 @@ class StepCollector:
         return cls(capture, writer, device)
 
     def after_step(self, model_runner: Any, scheduler_output: Any) -> None:
-        """Hand a real step's rows to the writer; any failure turns logging off, never the engine."""
-        if self.disabled:
+        """Hand a real step's rows to the writer; a failure stops logging, never the engine."""
+        if self.disabled or not self.armed:
             return
         try:
             self._pending_finished.update(scheduler_output.finished_req_ids)
@@ -142,7 +148,9 @@ class StepCollector:
             )
         except Exception as e:
             self.disabled = True
-            logger.error("moeprof: logging stopped: %s: %s (the engine goes on)", type(e).__name__, e)
+            logger.error(
+                "moeprof: logging stopped: %s: %s (the engine goes on)", type(e).__name__, e
+            )
 
     def close(self) -> None:
         self.writer.close()

@@ -44,8 +44,7 @@ def vllm_version() -> str:
 
 def unsupported(what: str) -> UnsupportedVllm:
     return UnsupportedVllm(
-        f"moeprof: vLLM {vllm_version()} is not supported: {what} "
-        f"(moeprof knows {SUPPORTED})"
+        f"moeprof: vLLM {vllm_version()} is not supported: {what} (moeprof knows {SUPPORTED})"
     )
 
 

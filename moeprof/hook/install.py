@@ -39,6 +39,7 @@ def _patch_worker(module: ModuleType, config: HookConfig) -> None:
         result = load_model(self, *args, **kwargs)
         if getattr(self, "_moeprof", None) is None:
             self._moeprof = StepCollector.start(self, config)
+            _arm_after_warmup(type(self))
         return result
 
     @functools.wraps(execute_model)
@@ -62,6 +63,31 @@ def _patch_worker(module: ModuleType, config: HookConfig) -> None:
 
         cls.shutdown = shutdown_and_flush
     cls._moeprof_patched = True
+
+
+def _arm_after_warmup(cls: type) -> None:
+    """Start logging once the engine's own warm-up is over.
+
+    Warm-up steps can come through the worker's ``execute_model`` with made-up requests
+    (Model Runner V2 runs ``_warmup_N_`` requests that way), so the collector only counts
+    steps after ``compile_or_warm_up_model``, the last thing a worker does before serving.
+    """
+    warm_up = getattr(cls, "compile_or_warm_up_model", None)
+    if warm_up is None:
+        raise compat.unsupported(f"{cls.__name__} has no compile_or_warm_up_model")
+    if getattr(warm_up, "_moeprof_arms", False):
+        return
+
+    @functools.wraps(warm_up)
+    def warm_up_then_arm(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = warm_up(self, *args, **kwargs)
+        collector = self.__dict__.get("_moeprof")
+        if collector is not None:
+            collector.armed = True
+        return result
+
+    warm_up_then_arm._moeprof_arms = True  # type: ignore[attr-defined]
+    cls.compile_or_warm_up_model = warm_up_then_arm
 
 
 def _when_imported(name: str, patch: Callable[[ModuleType], None]) -> None:

@@ -1,0 +1,531 @@
+"""Streaming reader for moeprof logs: constant memory, numpy chunks out, pydantic as the judge.
+
+Why two paths: pydantic (``schema.parse_route``) is the definition of a valid route but costs
+microseconds a record, too slow for logs of tens of millions of routes. So the file is read in
+big byte blocks, each block is decoded in one call by msgspec into structs shaped from the meta
+(fixed-length id/weight tuples and the logged layers as literals, so a wrong ``top_k`` or layer
+fails at decode time), and the remaining rules (distinct ids, id range, finite weights) are
+checked with numpy on the whole block. A block is accepted only if every one of its lines holds
+exactly one record and every check passed; otherwise it is halved and retried, and small
+remainders are parsed line by line with pydantic, so problems carry exact line numbers and
+pydantic's own reasons while a few bad lines do not slow down the rest of the file.
+
+The fast path is written to be at most as permissive as the schema: anything it is unsure of
+goes to pydantic.
+"""
+
+from __future__ import annotations
+
+import gc
+import operator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import numpy as np
+from pydantic import ValidationError
+
+from moeprof import schema
+from moeprof.errors import UserError
+
+BLOCK_BYTES = 4 << 20
+"""Bytes read per block; also the longest line accepted (a route line is ~200 bytes)."""
+MAX_FAST_TOP_K = 256
+"""Beyond this the fast path's fixed-length tuple types get silly; such logs go line by line."""
+SLOW_LINES = 64
+"""Blocks the fast path rejects are halved down to this many lines, then parsed by pydantic."""
+
+PHASES: tuple[str, ...] = ("prefill", "decode")
+"""Phase codes in chunks: index into this tuple; -1 where the record has no phase."""
+NO_PHASE = -1
+_PHASE_CODE: dict[str | None, int] = {None: NO_PHASE, "prefill": 0, "decode": 1}
+_INT64_MAX = (1 << 63) - 1
+_LONG_LINE = f"line longer than {BLOCK_BYTES >> 20} MiB: binary data or not a JSON Lines log"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found in a log. ``line`` is 1-based; None for problems of the whole log."""
+
+    line: int | None
+    message: str
+    severity: Severity = "error"
+
+    def format(self, path: str | Path) -> str:
+        where = f"{path}:{self.line}" if self.line is not None else str(path)
+        return f"{where}: {self.message}"
+
+
+IssueSink = Callable[[Issue], None]
+
+
+class LogError(UserError):
+    """A log that cannot be read as a moeprof log; the message names file, line and reason."""
+
+
+@dataclass(frozen=True)
+class RouteChunk:
+    """A run of consecutive valid route records, column by column. Rows are in file order."""
+
+    ids: np.ndarray
+    """(n, k) int64 expert ids."""
+    weights: np.ndarray
+    """(n, k) float32 router weights, in the log's order."""
+    layer: np.ndarray
+    """(n,) int64 decoder layer index."""
+    token_idx: np.ndarray
+    """(n,) int64 position of the token in its request."""
+    phase: np.ndarray
+    """(n,) int8: index into :data:`PHASES`, or :data:`NO_PHASE`."""
+    req: np.ndarray
+    """(n,) int64 request codes: ``RouteLog.req_ids[code]`` is the req_id string."""
+    line: np.ndarray
+    """(n,) int64 1-based line numbers."""
+
+    def __len__(self) -> int:
+        return int(self.token_idx.size)
+
+    def take(self, rows: np.ndarray) -> RouteChunk:
+        """The chunk restricted to ``rows`` (a boolean mask or indices)."""
+        return RouteChunk(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+
+class _Codes(dict[str, int]):
+    """req_id -> dense code, assigned on first sight; lookups of known ids stay in C."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __missing__(self, key: str) -> int:
+        code = self[key] = len(self.names)
+        self.names.append(key)
+        return code
+
+
+class _Reject(Exception):
+    """The fast path declines a block; pydantic will look at it."""
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Decoding allocates ~10 container objects a record; letting the cyclic GC rescan them
+    every few hundred allocations doubles the decode time, and none of them form cycles."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _route_struct(k: int, layers: list[int]) -> type[msgspec.Struct]:
+    """A msgspec type that decodes only routes with exactly ``k`` ids and weights at one of
+    ``layers`` (checking both in C is cheaper than checking them afterwards)."""
+    return msgspec.defstruct(
+        "FastRoute",
+        [
+            ("type", Literal["route"]),
+            ("req_id", Annotated[str, msgspec.Meta(min_length=1)]),
+            ("token_idx", Annotated[int, msgspec.Meta(ge=0)]),
+            ("layer", Literal[tuple(layers)]),  # type: ignore[valid-type]
+            ("topk_ids", tuple[(int,) * k]),  # type: ignore[misc]
+            ("topk_weights", tuple[(float,) * k]),  # type: ignore[misc]
+            ("phase", Literal["prefill", "decode"] | None, None),
+        ],
+        gc=False,
+    )
+
+
+_get = operator.attrgetter
+
+
+def _one_object_per_line(data: memoryview, scratch: np.ndarray) -> int | None:
+    """The number of lines in ``data`` (which ends with a newline) if every line starts with
+    ``{`` and ends with ``}``, else None. ``scratch`` is a reusable bool buffer at least
+    ``len(data)`` long (fresh multi-megabyte temporaries cost more in page faults than the
+    comparisons themselves).
+
+    msgspec's ``decode_lines`` reads a stream of whitespace-separated values, so it would skip a
+    blank line and read an object spread over two lines. With every newline sitting between a
+    ``}`` and a ``{`` no newline can fall inside a value (JSON would need a comma there, and
+    strings cannot hold raw newlines), so "as many records as lines" then means exactly one
+    record per line. Lines with trailing spaces or CRLF endings fail this test and go to the
+    line-by-line path, which accepts them.
+    """
+    a = np.frombuffer(data, np.uint8)
+    m = a.size
+    if m < 3 or a[0] != 0x7B:
+        return None
+    n = int(np.count_nonzero(np.equal(a, 0x0A, out=scratch[:m])))
+    closes = opens = 0
+    for offset in (0, 1):  # byte pairs at even, then odd offsets: one compare finds "}\n"
+        pairs = np.frombuffer(data[offset : offset + ((m - offset) & ~1)], "<u2")
+        out = scratch[: pairs.size]
+        closes += int(np.count_nonzero(np.equal(pairs, 0x0A7D, out=out)))  # "}\n"
+        opens += int(np.count_nonzero(np.equal(pairs, 0x7B0A, out=out)))  # "\n{"
+    return n if closes == n and opens == n - 1 else None
+
+
+def _looks_binary(line: bytes) -> bool:
+    if b"\x00" in line:
+        return True
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def _route_reason(line: bytes, exc: ValidationError) -> str:
+    """pydantic's reason, with the two cases it cannot name itself spelled out."""
+    if _looks_binary(line):
+        return "binary data, not a JSON text line"
+    for err in exc.errors(include_url=False):
+        if tuple(err["loc"]) == ("type",) and err.get("input") == "meta":
+            return "a second meta record: only line 1 may be one (logs concatenated?)"
+    return schema.explain(exc)
+
+
+def _meta_reason(line: bytes, exc: ValidationError) -> str:
+    if line[:2] == b"\x1f\x8b":
+        return "gzip-compressed data: decompress the log first"
+    if _looks_binary(line):
+        return "binary data, not a JSON text line"
+    if not line.strip():
+        return "blank line: expected the meta record"
+    if _json_type(line) == "route":
+        return _MISSING_META
+    return f"not a meta record: {schema.explain(exc)}"
+
+
+_MISSING_META = "a route record where the meta record should be (log written without its header?)"
+
+
+def _json_type(line: bytes) -> object:
+    """The ``type`` field of a JSON object line, or None (only used to word messages)."""
+    try:
+        obj = msgspec.json.decode(line)
+    except (msgspec.DecodeError, ValueError):
+        return None
+    return obj.get("type") if isinstance(obj, dict) else None
+
+
+class RouteLog:
+    """An open log: its meta, and a fresh pass over its routes each time :meth:`chunks` runs.
+
+    Request codes are stable across passes (first-seen order), so a second pass can use sets
+    built in the first.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        meta: schema.MetaRecord | None,
+        meta_issue: Issue | None,
+        routes_offset: int,
+        routes_first_line: int,
+    ) -> None:
+        self.path = path
+        self.meta = meta
+        self.meta_issue = meta_issue
+        """Why line 1 is not a usable meta (None when it is)."""
+        self._offset = routes_offset
+        self._first_line = routes_first_line
+        self._codes = _Codes()
+        self._scratch = np.empty(0, bool)
+        self.lines_read = routes_first_line - 1
+        """Lines seen so far (meta included); final after a complete pass."""
+        self._decoder: msgspec.json.Decoder | None = None
+        if meta is not None:
+            if meta.top_k <= MAX_FAST_TOP_K:
+                self._decoder = msgspec.json.Decoder(_route_struct(meta.top_k, meta.layers_logged))
+            order = np.argsort(meta.layers_logged)
+            self._sorted_layers = np.asarray(meta.layers_logged, np.int64)[order]
+            self._slot_of_sorted = order
+
+    # ------------------------------------------------------------------ keys and names
+
+    @property
+    def req_ids(self) -> list[str]:
+        """req_id strings by code (grows while reading)."""
+        return self._codes.names
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta.layers_logged) if self.meta else []
+
+    def layer_slot(self, layer: np.ndarray) -> np.ndarray:
+        """Index of each layer in ``meta.layers_logged`` (rows in chunks are always logged)."""
+        return self._slot_of_sorted[np.searchsorted(self._sorted_layers, layer)]
+
+    def groups(self, chunk: RouteChunk) -> np.ndarray:
+        """One code per (request, layer) pair: ``req * len(layers_logged) + slot``."""
+        return chunk.req * len(self.layers) + self.layer_slot(chunk.layer)
+
+    def group_name(self, group: int) -> tuple[str, int]:
+        """(req_id, layer) of a group code."""
+        req, slot = divmod(int(group), len(self.layers))
+        return self.req_ids[req], self.layers[slot]
+
+    def with_num_experts(self, num_experts: int) -> RouteLog:
+        """The same log read as if its meta declared ``num_experts`` (ids beyond are errors)."""
+        if self.meta is None:
+            raise ValueError("log has no meta")
+        meta = self.meta.model_copy(update={"num_experts": num_experts})
+        return RouteLog(self.path, meta, self.meta_issue, self._offset, self._first_line)
+
+    # ------------------------------------------------------------------ reading
+
+    def chunks(self, on_issue: IssueSink | None = None) -> Iterator[RouteChunk]:
+        """Yield the valid routes chunk by chunk; report every bad line to ``on_issue``.
+
+        Without ``on_issue`` the first error raises :class:`LogError` (warnings are dropped).
+        Without a meta, lines are only checked (pydantic, no meta rules) and nothing is yielded.
+        """
+        sink = on_issue or self._raise_errors
+        line = self._first_line
+        try:
+            f = self.path.open("rb")
+        except OSError as e:
+            raise LogError(f"{self.path}: cannot read: {e.strerror or e}") from e
+        with f:
+            f.seek(self._offset)
+            buf = bytearray(BLOCK_BYTES)
+            if self._scratch.size < BLOCK_BYTES:
+                self._scratch = np.empty(BLOCK_BYTES, bool)
+            fill = 0
+            skipping = False
+            while True:
+                if fill == len(buf):
+                    if not skipping:
+                        sink(Issue(line, _LONG_LINE))
+                    fill, skipping = 0, True
+                got = f.readinto(memoryview(buf)[fill:])
+                if not got:
+                    break
+                fill += got
+                end = buf.rfind(b"\n", 0, fill) + 1
+                if end == 0:
+                    continue
+                start = 0
+                if skipping:
+                    start = buf.find(b"\n", 0, end) + 1
+                    line += 1
+                    skipping = False
+                if start < end:
+                    line += yield from self._span(buf, start, end, line, sink)
+                tail = fill - end
+                buf[:tail] = buf[end:fill]
+                fill = tail
+            if fill and not skipping:
+                yield from self._last_line(bytes(buf[:fill]), line, sink)
+                line += 1
+            elif skipping:
+                line += 1
+        self.lines_read = line - 1
+
+    def _raise_errors(self, issue: Issue) -> None:
+        if issue.severity == "error":
+            raise LogError(issue.format(self.path))
+
+    def _span(
+        self, buf: bytearray, start: int, end: int, first: int, sink: IssueSink
+    ) -> Generator[RouteChunk, None, int]:
+        """Lines ``buf[start:end]`` (ending in a newline): fast path, else halve, else pydantic.
+        Returns the number of lines consumed."""
+        if self._decoder is not None:
+            data = memoryview(buf)[start:end]
+            nlines = _one_object_per_line(data, self._scratch)
+            if nlines is not None:
+                try:
+                    chunk = self._fast(data, first, nlines)
+                except _Reject:
+                    pass
+                else:
+                    if len(chunk):
+                        yield chunk
+                    return nlines
+        nlines = buf.count(b"\n", start, end)
+        if nlines > SLOW_LINES and self._decoder is not None:
+            mid = buf.find(b"\n", start + (end - start) // 2, end) + 1
+            if mid == end:
+                mid = buf.rfind(b"\n", start, end - 1) + 1
+            if start < mid < end:
+                left = yield from self._span(buf, start, mid, first, sink)
+                right = yield from self._span(buf, mid, end, first + left, sink)
+                return left + right
+        lines = bytes(buf[start:end]).split(b"\n")[:-1]
+        chunk = self._slow(lines, first, sink)
+        if chunk is not None and len(chunk):
+            yield chunk
+        return nlines
+
+    def _fast(self, data: memoryview, first: int, nlines: int) -> RouteChunk:
+        meta = self.meta
+        assert meta is not None
+        n, k = nlines, meta.top_k
+        with _gc_paused():
+            ids, w64, token_idx, layer, phase, req_names = self._columns(data, n, k)
+        ids = ids.reshape(n, k)
+        if not self._ids_ok(ids):
+            raise _Reject
+        if not (np.isfinite(w64).all() and np.abs(w64).max(initial=0.0) <= _FLOAT32_MAX):
+            raise _Reject
+        req = np.fromiter(map(self._codes.__getitem__, req_names), np.int64, n)
+        return RouteChunk(
+            ids=ids,
+            weights=w64.astype(np.float32).reshape(n, k),
+            layer=layer,
+            token_idx=token_idx,
+            phase=phase,
+            req=req,
+            line=np.arange(first, first + n, dtype=np.int64),
+        )
+
+    def _columns(self, data: memoryview, n: int, k: int) -> tuple[np.ndarray, ...]:
+        """Decode ``n`` lines with msgspec and turn the records into columns. Runs with the GC
+        paused and drops the records before returning, so no collection ever scans them."""
+        try:
+            recs = self._decoder.decode_lines(data)  # type: ignore[union-attr]
+        except (msgspec.DecodeError, ValueError) as e:
+            raise _Reject from e
+        if len(recs) != n:  # a line holding two records
+            raise _Reject
+        try:
+            ids = np.fromiter(chain.from_iterable(map(_get("topk_ids"), recs)), np.int64, n * k)
+            w64 = np.fromiter(
+                chain.from_iterable(map(_get("topk_weights"), recs)), np.float64, n * k
+            )
+            token_idx = np.fromiter(map(_get("token_idx"), recs), np.int64, n)
+            if len(self.layers) == 1:  # the decoder admits no other layer
+                layer = np.full(n, self.layers[0], np.int64)
+            else:
+                layer = np.fromiter(map(_get("layer"), recs), np.int64, n)
+        except (OverflowError, ValueError) as e:
+            raise _Reject from e
+        phase = np.fromiter(map(_PHASE_CODE.__getitem__, map(_get("phase"), recs)), np.int8, n)
+        req_names = list(map(_get("req_id"), recs))
+        del recs
+        return ids, w64, token_idx, layer, phase, req_names
+
+    def _ids_ok(self, ids: np.ndarray) -> bool:
+        meta = self.meta
+        assert meta is not None
+        if ids.size == 0:
+            return True
+        if ids.min() < 0:
+            return False
+        if meta.num_experts is not None and ids.max() >= meta.num_experts:
+            return False
+        k = ids.shape[1]
+        if k <= 8:
+            for a in range(k):
+                for b in range(a + 1, k):
+                    if (ids[:, a] == ids[:, b]).any():
+                        return False
+            return True
+        s = np.sort(ids, axis=1)
+        return not (s[:, 1:] == s[:, :-1]).any()
+
+    def _slow(self, lines: list[bytes], first: int, sink: IssueSink) -> RouteChunk | None:
+        """pydantic, line by line: the reference behaviour, used where the fast path declines."""
+        good: list[tuple[int, schema.RouteRecord]] = []
+        for i, raw in enumerate(lines):
+            rec = self._check_line(raw, first + i, sink)
+            if rec is not None:
+                good.append((first + i, rec))
+        if not good or self.meta is None:
+            return None
+        return self._records_chunk(good)
+
+    def _check_line(self, raw: bytes, lineno: int, sink: IssueSink) -> schema.RouteRecord | None:
+        try:
+            rec = schema.parse_route(raw, self.meta)
+        except ValidationError as e:
+            sink(Issue(lineno, _route_reason(raw, e)))
+            return None
+        big = [rec.token_idx, rec.layer, *rec.topk_ids]
+        if max(big) > _INT64_MAX:
+            sink(Issue(lineno, "an integer field exceeds 64 bits"))
+            return None
+        if any(abs(w) > _FLOAT32_MAX for w in rec.topk_weights):
+            sink(Issue(lineno, "topk_weights has a value beyond float32 range"))
+            return None
+        return rec
+
+    def _records_chunk(self, good: list[tuple[int, schema.RouteRecord]]) -> RouteChunk:
+        recs = [r for _, r in good]
+        n = len(recs)
+        return RouteChunk(
+            ids=np.array([r.topk_ids for r in recs], np.int64).reshape(n, -1),
+            weights=np.array([r.topk_weights for r in recs], np.float32).reshape(n, -1),
+            layer=np.array([r.layer for r in recs], np.int64),
+            token_idx=np.array([r.token_idx for r in recs], np.int64),
+            phase=np.array([_PHASE_CODE[r.phase] for r in recs], np.int8),
+            req=np.array([self._codes[r.req_id] for r in recs], np.int64),
+            line=np.array([ln for ln, _ in good], np.int64),
+        )
+
+    def _last_line(self, raw: bytes, lineno: int, sink: IssueSink) -> Iterator[RouteChunk]:
+        """A final line without a newline: fine if complete (warned), else a truncated write."""
+        try:
+            schema.parse_route(raw, self.meta)
+        except ValidationError as e:
+            reason = _route_reason(raw, e)
+            sink(Issue(lineno, f"truncated last line (no trailing newline): {reason}"))
+            return
+        sink(Issue(lineno, "last line has no trailing newline (writer cut off?)", "warning"))
+        rec = self._check_line(raw, lineno, sink)
+        if rec is not None and self.meta is not None:
+            yield self._records_chunk([(lineno, rec)])
+
+
+def open_log(path: str | Path, *, require_meta: bool = True) -> RouteLog:
+    """Open a log and read its meta line.
+
+    Raises :class:`LogError` when the file is missing or unreadable, and, with ``require_meta``,
+    when line 1 is not a valid meta record (an empty file included). Without ``require_meta``
+    such a log opens with ``meta=None`` and the reason in ``meta_issue``.
+    """
+    path = Path(path)
+    try:
+        f = path.open("rb")
+    except FileNotFoundError as e:
+        raise LogError(f"{path}: no such file") from e
+    except IsADirectoryError as e:
+        raise LogError(f"{path}: is a directory, not a log file") from e
+    except OSError as e:
+        raise LogError(f"{path}: cannot read: {e.strerror or e}") from e
+    with f:
+        first = f.readline(BLOCK_BYTES)
+        offset = f.tell()
+    meta: schema.MetaRecord | None = None
+    issue: Issue | None = None
+    routes_offset, routes_line = offset, 2
+    if not first:
+        issue = Issue(1, "empty file: expected a meta record on line 1")
+    elif not first.endswith(b"\n") and len(first) == BLOCK_BYTES:
+        issue = Issue(1, _LONG_LINE)
+    else:
+        try:
+            meta = schema.parse_meta(first)
+        except ValidationError as e:
+            issue = Issue(1, _meta_reason(first, e))
+            if issue.message == _MISSING_META:
+                routes_offset, routes_line = 0, 1  # check line 1 as a route as well
+        if meta is not None and max(meta.layers_logged) > _INT64_MAX:
+            meta, issue = None, Issue(1, "layers_logged has a layer number beyond 64 bits")
+    if issue is not None and require_meta:
+        raise LogError(issue.format(path))
+    if meta is not None and not first.endswith(b"\n"):
+        issue = Issue(1, "meta line has no trailing newline and the log has no routes", "warning")
+    return RouteLog(path, meta, issue, routes_offset, routes_line)

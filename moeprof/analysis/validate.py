@@ -1,0 +1,399 @@
+"""``moeprof validate``: is this log a faithful record of the real tokens, and nothing else?
+
+The schema judges one line at a time; this module adds what only the whole file shows:
+truncation, repeated (req_id, token_idx, layer) keys, holes in token positions, layers that saw
+different token counts, and, given the run's outputs file, exact per-request accounting
+(prompt + generated - 1 routes per request and layer: the last sampled token is never fed back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from moeprof import schema
+from moeprof.analysis.reader import Issue, LogError, RouteLog, open_log
+from moeprof.analysis.stats import PositionSet
+
+
+@dataclass(frozen=True)
+class RequestRoutes:
+    req_id: str
+    routes: list[int]
+    """Distinct token positions logged per layer, in ``layers_logged`` order."""
+    first_token: int
+    last_token: int
+
+
+@dataclass(frozen=True)
+class CountSummary:
+    """Routes per request (at each request's most-logged layer)."""
+
+    requests: int
+    min: int
+    median: float
+    mean: float
+    max: int
+
+
+@dataclass(frozen=True)
+class OutputsCheck:
+    path: str
+    requests: int
+    matched: int
+    missing_from_log: int
+    extra_in_log: int
+    mismatched: int
+    """(request, layer) pairs whose route count differs from prompt + generated - 1."""
+    expected_routes: int
+    """Sum over requests and layers of prompt + generated - 1."""
+
+
+@dataclass
+class ValidationReport:
+    path: str
+    valid: bool = True
+    meta: dict[str, Any] | None = None
+    lines: int = 0
+    routes: int = 0
+    routes_by_layer: dict[int, int] = field(default_factory=dict)
+    duplicates: int = 0
+    """Route records repeating an earlier (req_id, token_idx, layer) key."""
+    gaps: int = 0
+    """(request, layer) pairs whose token positions have holes."""
+    summary: CountSummary | None = None
+    per_request: list[RequestRoutes] = field(default_factory=list)
+    outputs: OutputsCheck | None = None
+    error_count: int = 0
+    warning_count: int = 0
+    errors: list[Issue] = field(default_factory=list)
+    """The first ``max_errors`` errors, in file order for line-level ones."""
+    warnings: list[Issue] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Collector:
+    """Counts every issue, keeps the first ``limit`` of each severity."""
+
+    def __init__(self, report: ValidationReport, limit: int) -> None:
+        self.report = report
+        self.limit = limit
+
+    def __call__(self, issue: Issue) -> None:
+        r = self.report
+        if issue.severity == "error":
+            r.error_count += 1
+            if len(r.errors) < self.limit:
+                r.errors.append(issue)
+        else:
+            r.warning_count += 1
+            if len(r.warnings) < self.limit:
+                r.warnings.append(issue)
+
+    def keeps(self, severity: str) -> bool:
+        """Whether the next issue of ``severity`` would be kept (else only counted)."""
+        kept = self.report.errors if severity == "error" else self.report.warnings
+        return len(kept) < self.limit
+
+    def count_only(self, severity: str, n: int = 1) -> None:
+        if severity == "error":
+            self.report.error_count += n
+        else:
+            self.report.warning_count += n
+
+
+def validate_log(
+    path: str | Path, *, outputs: str | Path | None = None, max_errors: int = 20
+) -> ValidationReport:
+    """Check a log completely. Raises :class:`LogError` (a UserError) only when the log or the
+    outputs file cannot be read at all; everything wrong inside the log goes into the report."""
+    log = open_log(path, require_meta=False)
+    out_records = load_outputs(outputs) if outputs is not None else None
+    report = ValidationReport(path=str(log.path))
+    sink = _Collector(report, max_errors)
+    if log.meta_issue is not None:
+        sink(log.meta_issue)
+    if log.meta is None:
+        for _ in log.chunks(sink):  # without a meta only line-level checks are possible
+            pass
+        report.lines = log.lines_read
+        report.valid = report.error_count == 0
+        return report
+
+    report.meta = log.meta.model_dump(mode="json")
+    layers = log.layers
+    positions = PositionSet()
+    by_layer = np.zeros(len(layers), np.int64)
+    for chunk in log.chunks(sink):
+        report.routes += len(chunk)
+        by_layer += np.bincount(log.layer_slot(chunk.layer), minlength=len(layers))
+        groups = log.groups(chunk)
+        dup = positions.add(groups, chunk.token_idx)
+        if dup.any():
+            report.duplicates += int(dup.sum())
+            for row in np.flatnonzero(dup):
+                if not sink.keeps("error"):
+                    sink.count_only("error")
+                    continue
+                req = log.req_ids[int(chunk.req[row])]
+                sink(
+                    Issue(
+                        int(chunk.line[row]),
+                        f"duplicate route: req_id {req!r} token_idx {int(chunk.token_idx[row])} "
+                        f"layer {int(chunk.layer[row])} was already logged",
+                    )
+                )
+    report.lines = log.lines_read
+    report.routes_by_layer = {lay: int(c) for lay, c in zip(layers, by_layer, strict=True)}
+    if report.routes == 0 and report.error_count == 0:
+        sink(Issue(None, "the log has a meta record but no routes", "warning"))
+
+    counts = _per_group(positions, len(log.req_ids), len(layers))
+    _check_positions(log, positions, report, sink)
+    _check_layers_agree(log, counts, sink)
+    report.per_request = _per_request(log, positions, counts)
+    report.summary = _summary(counts)
+    if out_records is not None:
+        report.outputs = _check_outputs(log, positions, counts, out_records, Path(outputs), sink)
+    report.valid = report.error_count == 0
+    return report
+
+
+def _per_group(positions: PositionSet, requests: int, layers: int) -> np.ndarray:
+    """(requests, layers) distinct positions seen."""
+    counts = np.zeros(requests * layers, np.int64)
+    counts[: positions.groups] = positions.count
+    return counts.reshape(requests, layers)
+
+
+def _check_positions(
+    log: RouteLog, positions: PositionSet, report: ValidationReport, sink: _Collector
+) -> None:
+    """Positions per (request, layer) must be 0..n-1; with prefix caching the cached prompt
+    prefix is legitimately absent, and when the log does not say, a hole is only a warning."""
+    caching = log.meta.prefix_caching if log.meta else None
+    seen = np.flatnonzero(positions.count > 0)
+    lo, hi, cnt = positions.lo[seen], positions.hi[seen], positions.count[seen]
+    start = lo if caching else np.zeros_like(lo)
+    holes = (hi - start + 1) - cnt
+    bad = np.flatnonzero(holes > 0)
+    report.gaps = int(bad.size)
+    severity = "warning" if caching is None else "error"
+    for i in bad:
+        if not sink.keeps(severity):
+            sink.count_only(severity)
+            continue
+        g = int(seen[i])
+        req, layer = log.group_name(g)
+        first = positions.first_missing(g) if lo[i] == 0 or caching else 0
+        sink(
+            Issue(
+                None,
+                f"req_id {req!r} layer {layer}: {int(holes[i])} of token positions "
+                f"{int(start[i])}..{int(hi[i])} missing (first: {first})"
+                + (
+                    ""
+                    if caching is not None
+                    else "; meta does not say whether prefix caching was on"
+                ),
+                severity,
+            )
+        )
+
+
+def _check_layers_agree(log: RouteLog, counts: np.ndarray, sink: _Collector) -> None:
+    """Every logged layer sees every token, so a request's counts must agree across layers."""
+    if counts.shape[1] < 2:
+        return
+    uneven = np.flatnonzero(counts.min(axis=1) != counts.max(axis=1))
+    for r in uneven:
+        per = ", ".join(f"{lay}: {int(c)}" for lay, c in zip(log.layers, counts[r], strict=True))
+        sink(Issue(None, f"req_id {log.req_ids[r]!r} has different route counts per layer ({per})"))
+
+
+def _per_request(log: RouteLog, positions: PositionSet, counts: np.ndarray) -> list[RequestRoutes]:
+    n_layers = counts.shape[1]
+    lo = np.full(counts.size, -1, np.int64)
+    hi = np.full(counts.size, -1, np.int64)
+    has = positions.count > 0
+    lo[: positions.groups][has] = positions.lo[has]
+    hi[: positions.groups][has] = positions.hi[has]
+    lo = lo.reshape(-1, n_layers)
+    hi = hi.reshape(-1, n_layers)
+    out = []
+    for r, req in enumerate(log.req_ids):
+        if counts[r].sum() == 0:
+            continue
+        present = lo[r] >= 0
+        out.append(
+            RequestRoutes(
+                req_id=req,
+                routes=[int(c) for c in counts[r]],
+                first_token=int(lo[r][present].min()),
+                last_token=int(hi[r][present].max()),
+            )
+        )
+    return out
+
+
+def _summary(counts: np.ndarray) -> CountSummary | None:
+    per = counts.max(axis=1) if counts.size else counts.reshape(-1)
+    per = per[per > 0]
+    if per.size == 0:
+        return None
+    return CountSummary(
+        requests=int(per.size),
+        min=int(per.min()),
+        median=float(np.median(per)),
+        mean=float(per.mean()),
+        max=int(per.max()),
+    )
+
+
+def load_outputs(path: str | Path) -> dict[str, schema.OutputRecord]:
+    """Read a generate run's outputs JSONL. A bad outputs file is a usage error, not a verdict
+    on the log, so it raises :class:`LogError` naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError as e:
+        raise LogError(f"{path}: no such file") from e
+    except OSError as e:
+        raise LogError(f"{path}: cannot read: {e.strerror or e}") from e
+    records: dict[str, schema.OutputRecord] = {}
+    for i, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = schema.OutputRecord.model_validate_json(raw)
+        except ValidationError as e:
+            raise LogError(f"{path}:{i}: {schema.explain(e)}") from e
+        if rec.req_id in records:
+            raise LogError(f"{path}:{i}: req_id {rec.req_id!r} appears twice")
+        records[rec.req_id] = rec
+    if not records:
+        raise LogError(f"{path}: no output records")
+    return records
+
+
+def _check_outputs(
+    log: RouteLog,
+    positions: PositionSet,
+    counts: np.ndarray,
+    outputs: dict[str, schema.OutputRecord],
+    path: Path,
+    sink: _Collector,
+) -> OutputsCheck:
+    """Exact accounting: every request of the run is in the log with exactly the routes it fed
+    the model, and the log has no requests the run did not make."""
+    caching = bool(log.meta and log.meta.prefix_caching)
+    code = {req: r for r, req in enumerate(log.req_ids) if counts[r].sum() > 0}
+    layers = log.layers
+    missing = [req for req in outputs if req not in code]
+    extra = [req for req in code if req not in outputs]
+    mismatched = 0
+    for req, rec in outputs.items():
+        if req not in code:
+            continue
+        r = code[req]
+        expected = rec.expected_routes
+        for slot, layer in enumerate(layers):
+            got = int(counts[r, slot])
+            g = r * len(layers) + slot
+            top = int(positions.hi[g]) + 1 if g < positions.groups and got else 0
+            ok = (got <= expected and top == expected) if caching else got == expected
+            if not ok:
+                mismatched += 1
+                how = f"positions up to {top - 1}, " if caching else ""
+                sink(
+                    Issue(
+                        None,
+                        f"req_id {req!r} layer {layer}: {how}{got} routes, expected {expected} "
+                        f"(prompt {rec.prompt_tokens} + generated {rec.generated_tokens} - 1)",
+                    )
+                )
+    hint = ""
+    if missing and extra and all("-" in e for e in extra):
+        hint = " (log ids look like engine-internal ids with a suffix; join on the user-facing id)"
+    for req in missing:
+        sink(Issue(None, f"req_id {req!r} is in {path.name} but has no routes in the log{hint}"))
+    for req in extra:
+        sink(Issue(None, f"req_id {req!r} has routes in the log but is not in {path.name}{hint}"))
+    return OutputsCheck(
+        path=str(path),
+        requests=len(outputs),
+        matched=len(outputs) - len(missing),
+        missing_from_log=len(missing),
+        extra_in_log=len(extra),
+        mismatched=mismatched,
+        expected_routes=sum(r.expected_routes for r in outputs.values()) * len(layers),
+    )
+
+
+def report_json(report: ValidationReport) -> str:
+    return json.dumps(report.to_dict(), indent=2)
+
+
+__all__ = [
+    "CountSummary",
+    "LogError",
+    "OutputsCheck",
+    "RequestRoutes",
+    "ValidationReport",
+    "load_outputs",
+    "report_json",
+    "validate_log",
+]
+
+
+def print_validation(report: ValidationReport, console: Any) -> None:
+    """The terminal form: verdict, counts, then each kept problem as ``file:line: reason``."""
+    from rich.table import Table
+
+    path = report.path
+    for issue in report.errors:
+        console.print(issue.format(path), highlight=False, soft_wrap=True, markup=False)
+    for issue in report.warnings:
+        console.print(
+            f"{issue.format(path)} (warning)", highlight=False, soft_wrap=True, markup=False
+        )
+    hidden = report.error_count - len(report.errors)
+    if hidden > 0:
+        console.print(f"... and {hidden:,} more errors (raise --max-errors to list them)")
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_row("lines", f"{report.lines:,}")
+    table.add_row("valid routes", f"{report.routes:,}")
+    for layer, n in report.routes_by_layer.items():
+        table.add_row(f"  layer {layer}", f"{n:,}")
+    if report.summary:
+        s = report.summary
+        table.add_row(
+            "routes per request",
+            f"{s.requests:,} requests: min {s.min:,}, median {s.median:,.0f}, "
+            f"mean {s.mean:,.1f}, max {s.max:,}",
+        )
+    table.add_row("duplicate keys", f"{report.duplicates:,}")
+    table.add_row("(request, layer) with gaps", f"{report.gaps:,}")
+    if report.outputs:
+        o = report.outputs
+        table.add_row(
+            "outputs accounting",
+            f"{o.matched}/{o.requests} requests found, {o.missing_from_log} missing, "
+            f"{o.extra_in_log} extra, {o.mismatched} (request, layer) counts off",
+        )
+    console.print(table)
+    if report.valid:
+        note = f" ({report.warning_count} warnings)" if report.warning_count else ""
+        console.print(f"[bold green]valid[/]: {path}{note}", highlight=False)
+    else:
+        console.print(
+            f"[bold red]invalid[/]: {path}: {report.error_count:,} errors", highlight=False
+        )

@@ -1,0 +1,139 @@
+"""Builders for small moeprof logs in tests: the hook's key order and compact separators unless
+a test wants otherwise."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META: dict[str, Any] = {
+    "type": "meta",
+    "model_id": "test/tiny-moe",
+    "vllm_version": "0.32.0",
+    "torch_version": "2.13.0",
+    "device": "cpu",
+    "seed": 1234,
+    "layers_logged": [12],
+    "top_k": 4,
+    "num_experts": 60,
+    "schema_version": 1,
+    "prefix_caching": False,
+}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def meta(**overrides: Any) -> dict[str, Any]:
+    """The default meta with fields replaced; a value of None removes the field."""
+    out = {**META, **overrides}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def route(
+    req_id: str = "0",
+    token_idx: int = 0,
+    layer: int = 12,
+    ids: Sequence[int] = (0, 1, 2, 3),
+    weights: Sequence[float] = (0.4, 0.3, 0.2, 0.1),
+    phase: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "type": "route",
+        "req_id": req_id,
+        "token_idx": token_idx,
+        "layer": layer,
+        "topk_ids": list(ids),
+        "topk_weights": list(weights),
+    }
+    if phase is not None:
+        rec["phase"] = phase
+    rec.update(extra)
+    return rec
+
+
+def write_log(
+    path: Path,
+    routes: Iterable[dict[str, Any] | str],
+    header: dict[str, Any] | str | None = None,
+    *,
+    trailing_newline: bool = True,
+) -> Path:
+    """Write a log: ``header`` (default meta; a str is written verbatim) then the routes (dicts
+    are dumped compactly, strings written verbatim as lines)."""
+    head = META if header is None else header
+    lines = [head if isinstance(head, str) else dumps(head)]
+    lines += [r if isinstance(r, str) else dumps(r) for r in routes]
+    text = "\n".join(lines) + ("\n" if trailing_newline else "")
+    path.write_text(text)
+    return path
+
+
+def sequential_routes(
+    requests: dict[str, int], layers: Sequence[int] = (12,), k: int = 4, experts: int = 60
+) -> list[dict[str, Any]]:
+    """Valid routes: request r gets positions 0..n-1 at every layer, ids rotating."""
+    out = []
+    for req, n in requests.items():
+        for t in range(n):
+            for layer in layers:
+                ids = [
+                    (t + j * 7 + int(req) if req.isdigit() else t + j * 7) % experts
+                    for j in range(k)
+                ]
+                w = [round(0.5 / (j + 1), 4) for j in range(k)]
+                out.append(route(req, t, layer, ids, w))
+    return out
+
+
+def skewed_routes(
+    n_requests: int = 12,
+    prompt: int = 60,
+    generated: int = 40,
+    experts: int = 60,
+    k: int = 4,
+    seed: int = 0,
+    layers: Sequence[int] = (12,),
+) -> list[dict[str, Any]]:
+    """A realistic-shaped log body: each request's prompt prefilled (phase "prefill"), then
+    decode steps with one token per request ("decode"); experts drawn from a skewed fixed
+    distribution, prefill and decode slightly different."""
+    rng = np.random.default_rng(seed)
+    base = np.log(rng.dirichlet(np.full(experts, 0.8)))
+    shift = rng.normal(0, 0.4, experts)
+
+    def pick(phase: str) -> tuple[list[int], list[float]]:
+        logp = base + (shift if phase == "decode" else 0)
+        scores = logp + rng.gumbel(size=experts)
+        ids = np.argsort(-scores)[:k]
+        w = np.sort(rng.dirichlet(np.ones(k)) * 0.8)[::-1]
+        return [int(i) for i in ids], [float(np.float32(x)) for x in w]
+
+    out = []
+    for r in range(n_requests):
+        for t in range(prompt):
+            for layer in layers:
+                ids, w = pick("prefill")
+                out.append(route(str(r), t, layer, ids, w, "prefill"))
+    for step in range(generated - 1):
+        for r in range(n_requests):
+            for layer in layers:
+                ids, w = pick("decode")
+                out.append(route(str(r), prompt + step, layer, ids, w, "decode"))
+    return out
+
+
+def outputs_file(path: Path, records: Iterable[tuple[str, int, int]]) -> Path:
+    """An outputs JSONL: (req_id, prompt_tokens, generated_tokens) per request."""
+    lines = [
+        dumps({"req_id": r, "prompt_tokens": p, "generated_tokens": g, "finish_reason": "length"})
+        for r, p, g in records
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path

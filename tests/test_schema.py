@@ -1,0 +1,101 @@
+"""The log format's rules as the schema states them (pydantic is the reference for every reader)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from logfactory import META, dumps, meta, route
+from pydantic import ValidationError
+
+from moeprof import schema
+
+
+def _meta(**kw: object) -> schema.MetaRecord:
+    return schema.parse_meta(dumps(meta(**kw)))
+
+
+def _reason(line: str, m: schema.MetaRecord | None = None) -> str:
+    with pytest.raises(ValidationError) as exc:
+        schema.parse_route(line, m)
+    return schema.explain(exc.value)
+
+
+def test_meta_with_only_the_minimum_fields_parses() -> None:
+    m = schema.parse_meta(
+        '{"type":"meta","model_id":"x","vllm_version":"1","torch_version":"2","device":"cpu",'
+        '"seed":1,"layers_logged":[3],"top_k":2}'
+    )
+    assert m.num_experts is None and m.prefix_caching is None and m.layers_logged == [3]
+
+
+def test_meta_keeps_unknown_fields_written_by_other_tools() -> None:
+    m = schema.parse_meta(dumps({**META, "tool": "other-logger"}))
+    assert m.model_extra == {"tool": "other-logger"}
+
+
+def test_meta_rejects_repeated_layers_and_top_k_above_num_experts() -> None:
+    with pytest.raises(ValidationError, match="repeated layers"):
+        _meta(layers_logged=[3, 3])
+    with pytest.raises(ValidationError, match="exceeds num_experts"):
+        _meta(top_k=8, num_experts=4)
+
+
+def test_route_in_any_key_order_and_whitespace_parses() -> None:
+    line = json.dumps(dict(reversed(list(route("7", 3).items()))), indent=None)
+    rec = schema.parse_route(line, _meta())
+    assert (rec.req_id, rec.token_idx, rec.topk_ids) == ("7", 3, [0, 1, 2, 3])
+
+
+def test_route_types_are_strict() -> None:
+    assert _reason(dumps(route(token_idx="3"))).startswith("token_idx: Input should be a valid int")
+    assert _reason(dumps(route(req_id=3))).startswith("req_id: Input should be a valid str")
+    assert "layer" in _reason(dumps(route(layer=True)))
+
+
+def test_route_lengths_must_match_top_k_of_the_meta() -> None:
+    line = dumps(route(ids=[1, 2, 3], weights=[0.1, 0.1, 0.1]))
+    assert _reason(line, _meta()) == "topk_ids has 3 entries, expected top_k=4"
+    assert schema.parse_route(line).topk_ids == [1, 2, 3]  # without a meta nothing to compare
+
+
+def test_route_rejects_repeated_out_of_range_and_negative_ids() -> None:
+    m = _meta()
+    assert "repeats an expert" in _reason(dumps(route(ids=[1, 1, 2, 3])), m)
+    assert "out of range for num_experts=60" in _reason(dumps(route(ids=[1, 2, 3, 60])), m)
+    assert "negative expert id" in _reason(dumps(route(ids=[-1, 2, 3, 4])), m)
+
+
+def test_route_rejects_nan_weights_as_pythons_json_writes_them() -> None:
+    line = json.dumps(route(weights=[0.5, float("nan"), 0.1, 0.1]))
+    assert "NaN" in line
+    assert _reason(line, _meta()) == "topk_weights has a non-finite value: nan"
+
+
+def test_route_at_a_layer_not_logged_is_rejected() -> None:
+    assert "not in layers_logged [12]" in _reason(dumps(route(layer=5)), _meta())
+
+
+def test_route_phase_is_optional_but_must_be_known() -> None:
+    assert schema.parse_route(dumps(route())).phase is None
+    assert "phase" in _reason(dumps(route(phase="warmup")))
+
+
+def test_explain_names_missing_fields_and_bad_json() -> None:
+    rec = route()
+    del rec["token_idx"]
+    assert _reason(dumps(rec)) == "missing field 'token_idx'"
+    assert _reason('{"type":"route",').startswith("not valid JSON")
+
+
+def test_expected_routes_leave_out_the_last_sampled_token() -> None:
+    rec = schema.OutputRecord(req_id="0", prompt_tokens=40, generated_tokens=67)
+    assert rec.expected_routes == 106
+    assert schema.OutputRecord(req_id="1", prompt_tokens=5, generated_tokens=0).expected_routes == 5
+
+
+def test_meta_dict_stamps_the_schema_version() -> None:
+    d = schema.meta_dict(
+        model_id="m", vllm_version="1", torch_version="2", device="cpu", layers_logged=[1], top_k=2
+    )
+    assert d["schema_version"] == schema.SCHEMA_VERSION and d["type"] == "meta"
