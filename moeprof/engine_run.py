@@ -62,6 +62,7 @@ def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
         load_format=spec["load_format"],
         dtype=spec["dtype"],
         skip_tokenizer_init=spec.get("skip_tokenizer_init", False),
+        **spec.get("engine_args", {}),
         **(
             {"gpu_memory_utilization": spec["gpu_memory_utilization"]}
             if spec.get("gpu_memory_utilization")

@@ -52,6 +52,8 @@ class Settings:
     chat: bool | None = None
     prompt_token_ids: list[list[int]] | None = None
     skip_tokenizer_init: bool = False
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """More keyword arguments for ``vllm.LLM`` (tests, experiments)."""
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -234,6 +236,9 @@ def token_ids(result: dict[str, Any]) -> list[list[int]]:
     return [o["output_token_ids"] for o in result["outputs"]]
 
 
+_NOT_SETTINGS = ("prompts", "prompt_token_ids", "extra_env", "model_label", "warmup", "engine_args")
+
+
 def timing_report(
     settings: Settings,
     baseline: dict[str, Any] | None,
@@ -243,11 +248,7 @@ def timing_report(
 ) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": settings.model_label,
-        "settings": {
-            k: v
-            for k, v in asdict(settings).items()
-            if k not in ("prompts", "prompt_token_ids", "extra_env", "model_label", "warmup")
-        }
+        "settings": {k: v for k, v in asdict(settings).items() if k not in _NOT_SETTINGS}
         | {"num_prompts": len(settings.prompt_token_ids or settings.prompts)},
         "prefix_caching": False,
     }

@@ -257,3 +257,23 @@ def test_an_existing_log_is_not_overwritten(tmp_path: Path) -> None:
     log.write_text("precious\n")
     _expect_start_failure(tmp_path, {"VLLM_LOG_MOE": str(log)}, "already exists")
     assert log.read_text() == "precious\n"
+
+
+def test_preempted_requests_are_logged_once_per_token(tmp_path: Path) -> None:
+    """Three KV blocks (128 tokens each on CPU) cannot hold four requests growing past 200 tokens,
+    so vLLM preempts some and recomputes their tokens later; each is still logged once."""
+    log = tmp_path / "preempt.jsonl"
+    result = _run(
+        "preempt",
+        tmp_path,
+        log,
+        max_tokens=200,
+        ignore_eos=True,
+        engine_args={"num_gpu_blocks_override": 3},
+    )
+    assert "recomputed after preemption are logged once" in (tmp_path / "preempt.txt").read_text()
+    _, routes = _read_log(log)
+    grouped = _by_request(routes)
+    for out in result["outputs"]:
+        positions = [r["token_idx"] for r in grouped[out["req_id"]]]
+        assert sorted(positions) == list(range(out["prompt_tokens"] + out["generated_tokens"] - 1))

@@ -105,6 +105,7 @@ class LogWriter:
         self._prompt_len: dict[str, int] = {}
         self._logged_upto: dict[str, int] = {}
         self.routes_written = 0
+        self.recomputed_skipped = 0
         self.failed = False
         self._size = 0
         self._queue: queue.SimpleQueue[StepItem | None] = queue.SimpleQueue()
@@ -156,6 +157,13 @@ class LogWriter:
         )
         mapped = map_rows(batch, upto)
         rows = mapped.rows
+        if len(rows) < batch.num_tokens:
+            if not self.recomputed_skipped:
+                logger.warning(
+                    "moeprof: vLLM preempted a request and recomputes its tokens; "
+                    "tokens recomputed after preemption are logged once, not again"
+                )
+            self.recomputed_skipped += batch.num_tokens - len(rows)
         ids = np.asarray(item.ids[: batch.num_tokens])[rows]
         weights = np.asarray(item.weights[: batch.num_tokens])[rows]
         req_json = [self._json_id(r) for r in batch.req_ids]
