@@ -135,24 +135,20 @@ def generate(
             f"model [bold]{label}[/], {len(texts)} prompts x {max_new_tokens} new tokens, "
             f"layer {log_layer}, prefix caching off (every prompt token is routed and logged)"
         )
+        arms: list[tuple[str, Path | None]] = []
+        if baseline or baseline_only:
+            arms.append(("baseline", None))
+        if not baseline_only:
+            arms.append(("logged", paths["log"]))
         runs: dict[str, dict] = {}
         with RunProgress(console, total_prompts=len(texts) * repeat) as progress:
-            if baseline or baseline_only:
-                runs["baseline"] = lib.run_engine(
-                    "baseline",
+            for name, log_path in arms:
+                runs[name] = lib.run_engine(
+                    name,
                     settings,
-                    log=None,
+                    log=log_path,
                     layer=log_layer,
-                    vllm_log=out_dir / "vllm-baseline.log",
-                    on_event=progress.on_event,
-                )
-            if not baseline_only:
-                runs["logged"] = lib.run_engine(
-                    "logged",
-                    settings,
-                    log=paths["log"],
-                    layer=log_layer,
-                    vllm_log=out_dir / "vllm-logged.log",
+                    vllm_log=out_dir / f"vllm-{name}.log",
                     on_event=progress.on_event,
                     overwrite_log=force,
                 )

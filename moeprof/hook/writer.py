@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,11 @@ import numpy as np
 from moeprof.hook.rows import StepBatch, map_rows
 
 logger = logging.getLogger("moeprof.hook")
+
+IDLE_FLUSH_SEC = 0.05
+FLUSH_ROUTES = 65536
+FORMAT_CHUNK = 1024
+_IDLE = object()
 
 
 def route_template(layer: int, top_k: int) -> str:
@@ -56,7 +61,13 @@ def format_routes(
     w64 = weights.astype(np.float64)
     cells[:, 2 + k : 2 + 2 * k] = w64
     cells[:, -1] = np.where(prefill, "prefill", "decode")
-    text = (template * n) % tuple(cells.ravel().tolist())
+    flat = cells.ravel().tolist()
+    width = 2 * k + 3
+    text = "".join(
+        (template * min(FORMAT_CHUNK, n - start))
+        % tuple(flat[start * width : min(start + FORMAT_CHUNK, n) * width])
+        for start in range(0, n, FORMAT_CHUNK)
+    )
     if not np.isfinite(w64).all():
         # Spell non-finite weights as Python's json does, so readers name the problem.
         text = text.replace("-inf", "-Infinity").replace("inf", "Infinity").replace("nan", "NaN")
@@ -133,22 +144,60 @@ class LogWriter:
             self._fd = None
 
     def _run(self) -> None:
+        """Take each step off its host slot at once; render and write in batches.
+
+        Rendering waits until the engine is idle (no step for ``IDLE_FLUSH_SEC``), the backlog
+        reaches ``FLUSH_ROUTES`` rows, or the log is closed: on a busy machine the formatting
+        then costs the engine no CPU time while it generates, and is done in fewer, larger
+        calls. The GIL is handed back between chunks of ``FORMAT_CHUNK`` rows.
+        """
+        pending: list[StepItem] = []
+        backlog = 0
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
             try:
-                if not self.failed:
-                    self._write(self._render(item))
+                item = self._queue.get(timeout=IDLE_FLUSH_SEC if pending else None)
+            except queue.Empty:
+                item = _IDLE
+            if item is None or item is _IDLE or backlog >= FLUSH_ROUTES:
+                self._flush(pending)
+                pending, backlog = [], 0
+                if item is None:
+                    return
+                if item is _IDLE:
+                    continue
+            try:
+                pending.append(self._take(item))
+                backlog += item.batch.num_tokens
             except Exception as e:  # never let logging take the engine down
                 self._fail(e)
-            finally:
-                if item.release:
-                    item.release()
+
+    def _take(self, item: StepItem) -> StepItem:
+        """Copy the step's rows out of its host slot and give the slot back."""
+        try:
+            if item.ready is not None:
+                item.ready.synchronize()
+            n = item.batch.num_tokens
+            return replace(
+                item,
+                ids=np.array(item.ids[:n]),
+                weights=np.array(item.weights[:n]),
+                ready=None,
+                release=None,
+            )
+        finally:
+            if item.release:
+                item.release()
+
+    def _flush(self, pending: list[StepItem]) -> None:
+        if self.failed or not pending:
+            return
+        try:
+            for item in pending:
+                self._write(self._render(item))
+        except Exception as e:  # never let logging take the engine down
+            self._fail(e)
 
     def _render(self, item: StepItem) -> str:
-        if item.ready is not None:
-            item.ready.synchronize()
         for rid, n in item.new_prompt_lens.items():
             self._prompt_len[rid] = n
         batch = item.batch

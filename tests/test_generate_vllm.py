@@ -1,0 +1,102 @@
+"""``moeprof generate`` end to end on the tiny model: files, fields, exact accounting, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
+
+pytestmark = pytest.mark.vllm
+
+QUESTIONS = [
+    "Janet's ducks lay 16 eggs per day. How much does she make every day?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts?",
+    "Josh buys a house for $80,000 and puts in $50,000 in repairs. What is his profit?",
+]
+
+
+def moeprof(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moeprof", *args], capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("generate")
+    (out / "prompts.txt").write_text("\n\n---\n\n".join(QUESTIONS) + "\n")
+    proc = moeprof(
+        "generate",
+        "--model",
+        "tiny",
+        "--prompts",
+        str(out / "prompts.txt"),
+        "--out-dir",
+        str(out),
+        "--log-layer",
+        "2",
+        "--max-new-tokens",
+        "10",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_generate_writes_timing_with_both_runs_and_their_overhead(run: Path) -> None:
+    timing = json.loads((run / "timing.json").read_text())
+    for section in ("no_log", "log"):
+        s = timing[section]
+        assert s["tokens_generated"] == 3 * 10
+        assert s["prompt_tokens"] > 3
+        assert s["wall_time_sec"] > 0 and s["engine_start_sec"] > 0
+        assert s["tokens_per_sec"] == pytest.approx(s["tokens_generated"] / s["wall_time_sec"])
+    assert timing["log"]["routes"] == timing["log"]["prompt_tokens"] + 3 * (10 - 1)
+    assert isinstance(timing["overhead_pct"], float)
+    assert timing["identical_tokens"] is True
+    assert timing["prefix_caching"] is False
+    assert timing["settings"]["max_tokens"] == 10 and timing["settings"]["seed"] == 1234
+
+
+def test_generate_writes_one_output_record_per_request(run: Path) -> None:
+    records = [json.loads(line) for line in (run / "outputs.jsonl").read_text().splitlines()]
+    assert [r["prompt_idx"] for r in records] == [0, 1, 2]
+    assert all(len(r["output_token_ids"]) == r["generated_tokens"] == 10 for r in records)
+    assert all(isinstance(r["text"], str) and r["req_id"] for r in records)
+
+
+def test_the_log_passes_validate_with_the_outputs_exactly(run: Path) -> None:
+    proc = moeprof(
+        "validate", str(run / "moe_routes.jsonl"), "--outputs", str(run / "outputs.jsonl")
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_second_run_into_the_same_folder_needs_force(run: Path) -> None:
+    before = (run / "moe_routes.jsonl").read_bytes()
+    proc = moeprof(
+        "generate", "--model", "tiny", "--prompts", str(run / "prompts.txt"), "--out-dir", str(run)
+    )
+    assert proc.returncode == 2
+    assert "already exist" in proc.stderr and "--force" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (run / "moe_routes.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"), [(None, "no such prompts file"), ("\n\n", "the prompts file is empty")]
+)
+def test_a_missing_or_empty_prompts_file_is_a_one_line_error(
+    tmp_path: Path, content: str | None, reason: str
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    if content is not None:
+        prompts.write_text(content)
+    proc = moeprof("generate", "--prompts", str(prompts), "--out-dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert reason in proc.stderr and str(prompts) in proc.stderr
+    assert "Traceback" not in proc.stderr
