@@ -13,11 +13,25 @@ pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)
 
 pytestmark = pytest.mark.vllm
 
-QUESTIONS = [
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
+NEW_TOKENS = 64
+FALLBACK_QUESTIONS = [
     "Janet's ducks lay 16 eggs per day. How much does she make every day?",
     "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts?",
     "Josh buys a house for $80,000 and puts in $50,000 in repairs. What is his profit?",
 ]
+
+
+def _questions() -> list[str]:
+    """25 GSM8K questions x 64 tokens: enough bf16 decoding for a changed kernel to flip a token
+    (inline capture copies once did, in 2 of these 25 requests); 3 built-in ones without it."""
+    if not SHARED.is_file():
+        return FALLBACK_QUESTIONS
+    with SHARED.open() as fh:
+        return [json.loads(next(fh))["question"] for _ in range(25)]
+
+
+QUESTIONS = _questions()
 
 
 def moeprof(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,7 +55,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--log-layer",
         "2",
         "--max-new-tokens",
-        "10",
+        str(NEW_TOKENS),
+        "--ignore-eos",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -51,21 +66,22 @@ def test_generate_writes_timing_with_both_runs_and_their_overhead(run: Path) -> 
     timing = json.loads((run / "timing.json").read_text())
     for section in ("no_log", "log"):
         s = timing[section]
-        assert s["tokens_generated"] == 3 * 10
+        assert s["tokens_generated"] == len(QUESTIONS) * NEW_TOKENS
         assert s["prompt_tokens"] > 3
         assert s["wall_time_sec"] > 0 and s["engine_start_sec"] > 0
         assert s["tokens_per_sec"] == pytest.approx(s["tokens_generated"] / s["wall_time_sec"])
-    assert timing["log"]["routes"] == timing["log"]["prompt_tokens"] + 3 * (10 - 1)
+    expected = timing["log"]["prompt_tokens"] + len(QUESTIONS) * (NEW_TOKENS - 1)
+    assert timing["log"]["routes"] == expected
     assert isinstance(timing["overhead_pct"], float)
     assert timing["identical_tokens"] is True
     assert timing["prefix_caching"] is False
-    assert timing["settings"]["max_tokens"] == 10 and timing["settings"]["seed"] == 1234
+    assert timing["settings"]["max_tokens"] == NEW_TOKENS and timing["settings"]["seed"] == 1234
 
 
 def test_generate_writes_one_output_record_per_request(run: Path) -> None:
     records = [json.loads(line) for line in (run / "outputs.jsonl").read_text().splitlines()]
-    assert [r["prompt_idx"] for r in records] == [0, 1, 2]
-    assert all(len(r["output_token_ids"]) == r["generated_tokens"] == 10 for r in records)
+    assert [r["prompt_idx"] for r in records] == list(range(len(QUESTIONS)))
+    assert all(len(r["output_token_ids"]) == r["generated_tokens"] == NEW_TOKENS for r in records)
     assert all(isinstance(r["text"], str) and r["req_id"] for r in records)
 
 

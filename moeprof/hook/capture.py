@@ -3,9 +3,10 @@
 Invariants:
     - The buffers are allocated once, before warm-up, compilation and graph capture, sized for
       the largest batch the engine may run (``max_num_batched_tokens`` rows).
-    - Inside the forward pass the only work is two slice copies into those buffers: no host
-      sync, no allocation, no Python branch on tensor values. CUDA graphs record the copies
-      and replay them; Dynamo traces them into the compiled graph.
+    - Inside the forward pass the only work is two slice copies into those buffers, inside one
+      opaque operator (``moeprof::capture_routes``): no host sync, no allocation, no Python
+      branch on tensor values. CUDA graphs record the copies and replay them; Dynamo puts the
+      operator into the compiled graph without letting Inductor fuse it into the router.
     - Every forward, dummy or real, overwrites rows ``[:n]``; padding rows beyond the real
       tokens hold garbage. Only the host side, which knows the real token count of a real
       step, decides which rows are read (see ``collector.py``).
@@ -19,6 +20,35 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+@torch.library.custom_op("moeprof::capture_routes", mutates_args=("ids_buf", "weights_buf"))
+def capture_routes(
+    ids_buf: torch.Tensor,
+    weights_buf: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> None:
+    """The two slice copies, as an operator the compiler cannot see into.
+
+    Written inline, the copies become extra stores that Inductor fuses into the router's
+    top-k kernel; that changed the order of the selected experts, and with it the bf16
+    rounding of the expert sum, so a logged run could generate other tokens than an unlogged
+    one. Behind an opaque operator the router's kernels stay exactly as without logging.
+    """
+    n = topk_ids.shape[0]
+    ids_buf[:n].copy_(topk_ids)
+    weights_buf[:n].copy_(topk_weights)
+
+
+@capture_routes.register_fake
+def _(
+    ids_buf: torch.Tensor,
+    weights_buf: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> None:
+    return None
 
 
 class RouteCapture:
@@ -37,9 +67,7 @@ class RouteCapture:
 
         def _compute_routing_and_capture(*args: Any, **kwargs: Any):
             topk_weights, topk_ids = compute(*args, **kwargs)
-            n = topk_ids.shape[0]
-            ids_buf[:n].copy_(topk_ids)
-            weights_buf[:n].copy_(topk_weights)
+            torch.ops.moeprof.capture_routes(ids_buf, weights_buf, topk_ids, topk_weights)
             return topk_weights, topk_ids
 
         router._compute_routing = _compute_routing_and_capture
