@@ -191,8 +191,10 @@ def validate(
         int, typer.Option(min=1, help="How many errors to list (all are counted).")
     ] = 20,
 ) -> None:
-    """Check a log: meta first, every route valid against it, no truncation, duplicate keys or
-    position gaps. Exit 0 valid, 1 invalid, 2 unreadable input."""
+    """Check a log: schema, truncation, duplicates, gaps, token accounting (exit 0/1/2).
+
+    Exit 0 when valid, 1 when invalid, 2 when the input cannot be read.
+    """
     from moeprof.analysis import validate as lib
 
     try:
@@ -234,8 +236,10 @@ def analyze(
     ] = False,
     force: Annotated[bool, typer.Option(help="Overwrite the markdown file.")] = False,
 ) -> None:
-    """Expert load per layer (and phase): top experts, normalized distribution, entropy,
-    imbalance, router weights, co-selection, contamination."""
+    """Expert load per layer and phase: top experts, entropy, imbalance, co-selection.
+
+    Also the normalized distribution, router-weight statistics and signs of contamination.
+    """
     from moeprof.analysis import report as lib
 
     try:
