@@ -186,3 +186,13 @@ def test_plugin_with_the_flag_unset_imports_nothing_else() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['moeprof', 'moeprof.hook', 'moeprof.hook.plugin']"
+
+
+def test_steps_after_close_give_their_slot_back_instead_of_waiting(tmp_path: Path) -> None:
+    w = _writer(tmp_path / "log.jsonl")
+    w.close()
+    released = []
+    item = _item(_batch(["a"], [1], [0]))
+    item.release = lambda: released.append(True)
+    w.submit(item)
+    assert released == [True]

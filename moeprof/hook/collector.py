@@ -25,6 +25,7 @@ from moeprof.schema import meta_dict
 logger = logging.getLogger("moeprof.hook")
 
 NUM_SLOTS = 4
+SLOT_WAIT_SEC = 30.0
 """Host slots in flight: the model thread waits only if the writer is 4 steps behind."""
 
 
@@ -128,7 +129,12 @@ class StepCollector:
             if num_tokens == 0:
                 return
             batch = compat.step_batch(model_runner, num_tokens)
-            slot = self._free.get()
+            try:
+                slot = self._free.get(timeout=SLOT_WAIT_SEC)
+            except queue.Empty:
+                raise RuntimeError(
+                    f"the writer has not freed a host slot in {SLOT_WAIT_SEC:.0f} s"
+                ) from None
             n = batch.num_tokens
             slot.ids[:n].copy_(self.capture.ids[:n], non_blocking=True)
             slot.weights[:n].copy_(self.capture.weights[:n], non_blocking=True)

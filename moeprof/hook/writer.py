@@ -126,7 +126,7 @@ class LogWriter:
         self._closed = False
 
     def submit(self, item: StepItem) -> None:
-        if self.failed:
+        if self.failed or self._closed:
             if item.release:
                 item.release()
             return
