@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from typer.testing import CliRunner
+
+from moeprof.cli import app
 
 META: dict[str, Any] = {
     "type": "meta",
@@ -137,3 +140,11 @@ def outputs_file(path: Path, records: Iterable[tuple[str, int, int]]) -> Path:
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run ``moeprof ARGS`` in-process: (exit code, output), asserting no traceback escaped."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output

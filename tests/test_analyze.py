@@ -8,21 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from logfactory import dumps, meta, route, sequential_routes, skewed_routes, write_log
-from typer.testing import CliRunner
+from logfactory import dumps, meta, route, run_cli, sequential_routes, skewed_routes, write_log
 
 from moeprof.analysis.reader import LogError
 from moeprof.analysis.report import analyze_log, analyze_logs, markdown_note
-from moeprof.cli import app
-
-runner = CliRunner()
-
-
-def _cli(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result.exit_code, result.output
 
 
 def test_tiny_log_counts_and_metrics_match_hand_values(tmp_path: Path) -> None:
@@ -143,19 +132,19 @@ def test_markdown_note_warns_about_contamination(tmp_path: Path) -> None:
 def test_cli_writes_the_note_and_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     log = write_log(tmp_path / "n.jsonl", skewed_routes(n_requests=3, prompt=10, generated=5))
     note = tmp_path / "note.md"
-    code, out = _cli("analyze", str(log), "--markdown", str(note))
+    code, out = run_cli("analyze", str(log), "--markdown", str(note))
     assert code == 0 and note.read_text().startswith("## MoE routing: test/tiny-moe, layer 12")
     note.write_text("mine")
-    code, out = _cli("analyze", str(log), "--markdown", str(note))
+    code, out = run_cli("analyze", str(log), "--markdown", str(note))
     assert code == 2 and "already exists (use --force to overwrite)" in out
     assert note.read_text() == "mine"
-    assert _cli("analyze", str(log), "--markdown", str(note), "--force")[0] == 0
+    assert run_cli("analyze", str(log), "--markdown", str(note), "--force")[0] == 0
     assert note.read_text() != "mine"
 
 
 def test_cli_json_is_valid_json_with_nulls_for_undefined_numbers(tmp_path: Path) -> None:
     log = write_log(tmp_path / "j.jsonl", sequential_routes({"0": 4}), meta(layers_logged=[12, 13]))
-    code, out = _cli("analyze", str(log), "--json", "--top", "2")
+    code, out = run_cli("analyze", str(log), "--json", "--top", "2")
     assert code == 0
     data = json.loads(out[out.index("{") :])
     layers = data["logs"][0]["layers"]
@@ -166,9 +155,9 @@ def test_cli_json_is_valid_json_with_nulls_for_undefined_numbers(tmp_path: Path)
 
 def test_cli_table_and_exclude_suspect_flag(tmp_path: Path) -> None:
     _, dirty = _contaminated(tmp_path)
-    code, out = _cli("analyze", str(dirty))
+    code, out = run_cli("analyze", str(dirty))
     assert code == 0 and "suspect:" in out and "entropy" in out
-    code, out = _cli("analyze", str(dirty), "--exclude-suspect")
+    code, out = run_cli("analyze", str(dirty), "--exclude-suspect")
     assert code == 0 and "1,500 suspect records excluded" in out
 
 
@@ -176,10 +165,10 @@ def test_cli_refuses_an_invalid_log_with_one_line_naming_file_and_line(tmp_path:
     bad = write_log(
         tmp_path / "bad.jsonl", [route("0", 0), dumps(route("0", 1))[:30]], trailing_newline=False
     )
-    code, out = _cli("analyze", str(bad))
+    code, out = run_cli("analyze", str(bad))
     assert code == 2
     assert f"{bad}:3: truncated last line" in out and len(out.strip().splitlines()) == 1
-    code, out = _cli("analyze", str(tmp_path / "absent.jsonl"))
+    code, out = run_cli("analyze", str(tmp_path / "absent.jsonl"))
     assert code == 2 and "absent.jsonl: no such file" in out
 
 

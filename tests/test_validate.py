@@ -10,15 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from logfactory import dumps, meta, outputs_file, route, sequential_routes, write_log
-from typer.testing import CliRunner
+from logfactory import dumps, meta, outputs_file, route, run_cli, sequential_routes, write_log
 
 from moeprof import schema
 from moeprof.analysis.reader import SLOW_LINES, open_log
 from moeprof.analysis.validate import ValidationReport, validate_log
-from moeprof.cli import app
-
-runner = CliRunner()
 
 
 def _errors(report: ValidationReport) -> list[tuple[int | None, str]]:
@@ -29,13 +25,6 @@ def _only_error(report: ValidationReport) -> tuple[int | None, str]:
     assert not report.valid
     assert report.error_count == 1, _errors(report)
     return _errors(report)[0]
-
-
-def _cli(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result.exit_code, result.output
 
 
 # --------------------------------------------------------------------------- good logs
@@ -317,7 +306,7 @@ def test_a_broken_outputs_file_is_a_usage_error_naming_its_line(tmp_path: Path) 
     log = write_log(tmp_path / "l.jsonl", sequential_routes({"0": 2}))
     outs = tmp_path / "o.jsonl"
     outs.write_text('{"req_id":"0","prompt_tokens":1,"generated_tokens":2}\n{"req_id":"1"}\n')
-    code, out = _cli("validate", str(log), "--outputs", str(outs))
+    code, out = run_cli("validate", str(log), "--outputs", str(outs))
     assert code == 2
     assert f"{outs}:2: missing field 'prompt_tokens'" in out
 
@@ -328,18 +317,18 @@ def test_a_broken_outputs_file_is_a_usage_error_naming_its_line(tmp_path: Path) 
 def test_cli_exit_codes_are_0_valid_1_invalid_2_unreadable(tmp_path: Path) -> None:
     good = write_log(tmp_path / "good.jsonl", sequential_routes({"0": 3}))
     bad = write_log(tmp_path / "bad.jsonl", [route("0", 0), route("0", 0)])
-    assert _cli("validate", str(good))[0] == 0
-    code, out = _cli("validate", str(bad))
+    assert run_cli("validate", str(good))[0] == 0
+    code, out = run_cli("validate", str(bad))
     assert code == 1 and f"{bad}:3: duplicate route" in out
-    code, out = _cli("validate", str(tmp_path / "missing.jsonl"))
+    code, out = run_cli("validate", str(tmp_path / "missing.jsonl"))
     assert code == 2 and "missing.jsonl: no such file" in out
-    code, out = _cli("validate", str(tmp_path))
+    code, out = run_cli("validate", str(tmp_path))
     assert code == 2 and "is a directory" in out
 
 
 def test_cli_json_report_lists_errors_with_line_numbers(tmp_path: Path) -> None:
     bad = write_log(tmp_path / "bad.jsonl", [route("0", 0), route("0", 1, ids=[1, 1, 2, 3])])
-    code, out = _cli("validate", str(bad), "--json")
+    code, out = run_cli("validate", str(bad), "--json")
     data = json.loads(out)
     assert code == 1 and data["valid"] is False
     assert data["errors"][0] == {
@@ -353,7 +342,7 @@ def test_cli_max_errors_limits_the_list_but_counts_everything(tmp_path: Path) ->
     body = [route("0", i, ids=[1, 1, 2, 3]) for i in range(30)]
     report = validate_log(write_log(tmp_path / "many.jsonl", body), max_errors=5)
     assert len(report.errors) == 5 and report.error_count == 30
-    code, out = _cli("validate", str(tmp_path / "many.jsonl"), "--max-errors", "5")
+    code, out = run_cli("validate", str(tmp_path / "many.jsonl"), "--max-errors", "5")
     assert code == 1 and "and 25 more errors" in out
 
 

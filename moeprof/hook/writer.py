@@ -213,8 +213,8 @@ class LogWriter:
                     "tokens recomputed after preemption are logged once, not again"
                 )
             self.recomputed_skipped += batch.num_tokens - len(rows)
-        ids = np.asarray(item.ids[: batch.num_tokens])[rows]
-        weights = np.asarray(item.weights[: batch.num_tokens])[rows]
+        ids = item.ids[rows]  # already the step's own rows, copied off the slot by _take
+        weights = item.weights[rows]
         req_json = [self._json_id(r) for r in batch.req_ids]
         prompt_len = np.fromiter(
             (self._prompt_len.get(r, -1) for r in batch.req_ids), np.int64, len(batch.req_ids)
