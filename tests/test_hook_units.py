@@ -12,7 +12,8 @@ import pytest
 
 from moeprof.hook import compat
 from moeprof.hook.config import HookConfigError, load_config
-from moeprof.hook.rows import StepBatch, map_rows
+from moeprof.hook.ring import HostRing, RingFull
+from moeprof.hook.rows import RowMapper, StepBatch
 from moeprof.hook.writer import LogWriter, StepItem, format_routes, route_template
 from moeprof.schema import parse_meta, parse_route
 
@@ -30,29 +31,60 @@ META = {
 
 
 def _batch(req_ids: list[str], counts: list[int], computed: list[int]) -> StepBatch:
-    qsl = np.concatenate([[0], np.cumsum(counts)])
-    return StepBatch(req_ids, qsl, np.array(computed), int(qsl[-1]))
+    qsl = [0, *np.cumsum(counts).tolist()]
+    return StepBatch(req_ids, qsl, computed, qsl[-1])
+
+
+def _map(mapper: RowMapper, *steps: tuple[StepBatch, int]) -> list[tuple[str, int, int]]:
+    """(req_id, token_idx, row) of every row logged, in log order."""
+    mapped = mapper.map((batch, base, {}, ()) for batch, base in steps)
+    req = np.repeat(np.array(mapped.seg_req, dtype=object), mapped.seg_len)
+    return list(zip(req.tolist(), mapped.token_idx.tolist(), mapped.rows.tolist(), strict=True))
 
 
 def test_rows_map_to_their_request_and_position() -> None:
-    batch = _batch(["a", "b"], [3, 1], [0, 7])
-    mapped = map_rows(batch, np.zeros(2, dtype=np.int64))
-    assert mapped.req_index.tolist() == [0, 0, 0, 1]
-    assert mapped.token_idx.tolist() == [0, 1, 2, 7]
-    assert mapped.rows.tolist() == [0, 1, 2, 3]
+    assert _map(RowMapper(), (_batch(["a", "b"], [3, 1], [0, 7]), 0)) == [
+        ("a", 0, 0),
+        ("a", 1, 1),
+        ("a", 2, 2),
+        ("b", 7, 3),
+    ]
+
+
+def test_steps_mapped_together_keep_their_order_and_their_own_rows() -> None:
+    prefill = (_batch(["a", "b"], [2, 3], [0, 0]), 10)
+    decode = (_batch(["b", "a"], [1, 1], [3, 2]), 40)  # the batch order changed
+    assert _map(RowMapper(), prefill, decode) == [
+        ("a", 0, 10),
+        ("a", 1, 11),
+        ("b", 0, 12),
+        ("b", 1, 13),
+        ("b", 2, 14),
+        ("b", 3, 40),
+        ("a", 2, 41),
+    ]
 
 
 def test_recomputed_tokens_after_preemption_are_dropped() -> None:
-    batch = _batch(["a"], [5], [0])  # "a" was preempted after 3 logged tokens, recomputes 0..4
-    mapped = map_rows(batch, np.array([3]))
-    assert mapped.token_idx.tolist() == [3, 4]
-    assert mapped.rows.tolist() == [3, 4]
+    mapper = RowMapper()
+    _map(mapper, (_batch(["a"], [3], [0]), 0))  # tokens 0..2 logged, then "a" is preempted
+    assert _map(mapper, (_batch(["a"], [5], [0]), 8)) == [("a", 3, 11), ("a", 4, 12)]
+    mapped = mapper.map([(_batch(["a"], [2], [0]), 0, {}, ())])  # all of it seen already
+    assert mapped.skipped == 2 and len(mapped.rows) == 0
+
+
+def test_a_finished_request_id_used_again_starts_from_scratch() -> None:
+    mapper = RowMapper()
+    mapper.map([(_batch(["a"], [3], [0]), 0, {"a": 3}, ())])
+    mapped = mapper.map([(_batch(["a"], [2], [0]), 0, {"a": 2}, {"a"})])  # new "a", same name
+    assert mapped.skipped == 0
+    assert mapped.token_idx.tolist() == [0, 1] and mapped.prefill.tolist() == [True, True]
 
 
 def test_a_batch_layout_that_does_not_add_up_is_refused() -> None:
-    batch = StepBatch(["a"], np.array([0, 4]), np.array([0]), 5)
+    batch = StepBatch(["a"], [0, 4], [0], 5)
     with pytest.raises(ValueError, match="does not add up"):
-        map_rows(batch, np.zeros(1, dtype=np.int64))
+        RowMapper().map([(batch, 0, {}, ())])
 
 
 def test_formatted_routes_parse_as_schema_records() -> None:
@@ -83,28 +115,33 @@ def test_non_finite_weights_are_written_so_readers_can_name_them() -> None:
     assert '"topk_weights":[NaN,Infinity]' in text
 
 
-def _writer(path: Path, **kw: object) -> LogWriter:
-    return LogWriter(path, META, 3, 2, compat.external_request_id, overwrite=False, **kw)
+def _writer(path: Path, ring_rows: int = 64) -> LogWriter:
+    ring = HostRing(ring_rows, 2, pin=False)
+    return LogWriter(path, META, 3, 2, compat.external_request_id, overwrite=False, ring=ring)
 
 
 def _item(
+    w: LogWriter,
     batch: StepBatch,
     prompt_lens: dict[str, int] | None = None,
     finished: frozenset[str] = frozenset(),
 ) -> StepItem:
+    """What the collector does for a step: rows into the ring, then the item."""
     n = batch.num_tokens
-    ids = np.tile(np.array([[1, 2]], dtype=np.int32), (n, 1))
-    weights = np.full((n, 2), 0.5, dtype=np.float32)
-    return StepItem(batch, ids, weights, None, prompt_lens or {}, finished)
+    start = w.ring.reserve(n, w.wake, timeout=5)
+    ids, weights = w.ring.step_rows(start, n)
+    ids[:] = [1, 2]
+    weights[:] = 0.5
+    return StepItem(batch, start, None, prompt_lens or {}, finished)
 
 
 def test_writer_logs_every_real_token_once_with_phase_and_user_request_id(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     w = _writer(log)
-    w.submit(_item(_batch(["0-1a2b3c4d"], [3], [0]), {"0-1a2b3c4d": 3}))  # prefill
-    w.submit(_item(_batch(["0-1a2b3c4d"], [1], [3])))  # first decode step
-    w.submit(_item(_batch(["0-1a2b3c4d"], [4], [0])))  # recomputed after preemption
-    w.submit(_item(_batch(["0-1a2b3c4d"], [1], [4])))
+    w.submit(_item(w, _batch(["0-1a2b3c4d"], [3], [0]), {"0-1a2b3c4d": 3}))  # prefill
+    w.submit(_item(w, _batch(["0-1a2b3c4d"], [1], [3])))  # first decode step
+    w.submit(_item(w, _batch(["0-1a2b3c4d"], [4], [0])))  # recomputed after preemption
+    w.submit(_item(w, _batch(["0-1a2b3c4d"], [1], [4])))
     w.close()
     lines = log.read_text().splitlines()
     assert json.loads(lines[0])["layers_logged"] == [3]
@@ -146,8 +183,8 @@ def test_a_failing_write_stops_logging_and_keeps_the_log_whole(
     monkeypatch.setattr(writer_module.os, "write", disk_fills_up)
     log = tmp_path / "log.jsonl"
     w = _writer(log)
-    w.submit(_item(_batch(["a"], [2], [0])))
-    w.submit(_item(_batch(["a"], [1], [2])))
+    w.submit(_item(w, _batch(["a"], [2], [0])))
+    w.submit(_item(w, _batch(["a"], [1], [2])))
     w.close()
     assert w.failed
     assert calls["n"] == 3  # the second step is never attempted
@@ -188,11 +225,45 @@ def test_plugin_with_the_flag_unset_imports_nothing_else() -> None:
     assert out.stdout.strip() == "['moeprof', 'moeprof.hook', 'moeprof.hook.plugin']"
 
 
-def test_steps_after_close_give_their_slot_back_instead_of_waiting(tmp_path: Path) -> None:
+def test_steps_after_close_give_their_rows_back_instead_of_waiting(tmp_path: Path) -> None:
     w = _writer(tmp_path / "log.jsonl")
     w.close()
-    released = []
-    item = _item(_batch(["a"], [1], [0]))
-    item.release = lambda: released.append(True)
+    item = _item(w, _batch(["a"], [3], [0]))
+    assert w.ring.backlog == 3
     w.submit(item)
-    assert released == [True]
+    assert w.ring.backlog == 0
+
+
+def test_a_full_ring_wakes_the_writer_and_the_step_goes_on_once_rows_are_written(
+    tmp_path: Path,
+) -> None:
+    """Steps far faster than the writer's tick: the model's thread waits for room instead of
+    overwriting rows the writer has not rendered, and every token still lands once."""
+    log = tmp_path / "log.jsonl"
+    w = _writer(log, ring_rows=8)
+    for step in range(40):  # 5 ring-fulls of 3-row steps, crossing the ring's end each time
+        w.submit(_item(w, _batch(["a", "b", "c"], [1, 1, 1], [step] * 3), finished=frozenset()))
+    w.close()
+    routes = [json.loads(line) for line in log.read_text().splitlines()[1:]]
+    assert len(routes) == 120
+    assert sorted((r["req_id"], r["token_idx"]) for r in routes) == sorted(
+        (rid, t) for rid in "abc" for t in range(40)
+    )
+
+
+def test_a_ring_nobody_empties_gives_up_after_its_timeout() -> None:
+    ring = HostRing(4, 2, pin=False)
+    ring.reserve(3, lambda: None, timeout=1)
+    woken = []
+    with pytest.raises(RingFull, match="not freed host memory"):
+        ring.reserve(2, lambda: woken.append(True), timeout=0.05)
+    assert woken == [True]
+
+
+def test_a_step_that_would_cross_the_ring_end_starts_at_row_zero() -> None:
+    ring = HostRing(8, 2, pin=False)
+    assert ring.reserve(5, lambda: None, timeout=1) == 0
+    ring.release(5)
+    start = ring.reserve(4, lambda: None, timeout=1)
+    assert start == 8 and start % ring.capacity == 0
+    assert ring.backlog == 7  # 4 rows plus the 3 skipped at the end

@@ -1,8 +1,9 @@
 """The host side of the hook: one per worker process that owns the logged layer.
 
-After each real step it snapshots the batch layout, starts a non-blocking copy of the captured
-rows into a pinned host slot, and hands both to the writer thread. That is all the model's
-thread does: no sync, no formatting, no I/O.
+After each real step it snapshots the batch layout, copies the captured rows into the host ring
+(on a GPU: a non-blocking copy into pinned memory, then an event), and queues both for the
+writer thread. That is all the model's thread does: no sync, no thread wake-up, no formatting,
+no I/O.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
-import queue
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,34 +20,37 @@ from moeprof import __version__
 from moeprof.hook import compat
 from moeprof.hook.capture import RouteCapture
 from moeprof.hook.config import ENV_LAYER, HookConfig
+from moeprof.hook.ring import HostRing
+from moeprof.hook.rows import StepBatch
 from moeprof.hook.writer import LogWriter, StepItem
 from moeprof.schema import meta_dict
 
 logger = logging.getLogger("moeprof.hook")
 
-NUM_SLOTS = 4
-SLOT_WAIT_SEC = 30.0
-"""Host slots in flight: the model thread waits only if the writer is 4 steps behind."""
+RING_WAIT_SEC = 30.0
+"""How long a step waits for the writer to free host memory before logging stops."""
+MIN_RING_ROWS = 1 << 17
+NUM_EVENTS = 64
 
 
-class _Slot:
-    def __init__(self, rows: int, top_k: int, device: torch.device) -> None:
-        pin = device.type == "cuda"
-        self.ids = torch.empty((rows, top_k), dtype=torch.int32, pin_memory=pin)
-        self.weights = torch.empty((rows, top_k), dtype=torch.float32, pin_memory=pin)
-        self.ids_np = self.ids.numpy()
-        self.weights_np = self.weights.numpy()
-        self.event = torch.cuda.Event() if pin else None
+def ring_rows(max_tokens: int) -> int:
+    """At least four of the largest steps, so a half-full ring still takes two more."""
+    return max(MIN_RING_ROWS, 4 * max_tokens)
 
 
 class StepCollector:
     def __init__(self, capture: RouteCapture, writer: LogWriter, device: torch.device) -> None:
         self.capture = capture
         self.writer = writer
-        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        for _ in range(NUM_SLOTS):
-            self._free.put(_Slot(capture.max_tokens, capture.top_k, device))
+        self.ring = writer.ring
+        on_host = device.type == "cpu"
+        self._rows_np = capture.rows.numpy() if on_host else None
+        self._events = (
+            [torch.cuda.Event() for _ in range(NUM_EVENTS)] if device.type == "cuda" else []
+        )
+        self._next_event = 0
         self._pending_finished: set[str] = set()
+        self._read_batch: Callable[[int], StepBatch] | None = None
         self.disabled = False
         self.armed = False
         """False until the engine's warm-up is over (see ``install._arm_after_warmup``)."""
@@ -113,6 +117,7 @@ class StepCollector:
             int(router.top_k),
             compat.external_request_id,
             overwrite=config.overwrite,
+            ring=HostRing(ring_rows(max_tokens), int(router.top_k), pin=device.type == "cuda"),
         )
         capture = RouteCapture(max_tokens, int(router.top_k), device)
         capture.attach(router)
@@ -128,29 +133,29 @@ class StepCollector:
             num_tokens = scheduler_output.total_num_scheduled_tokens
             if num_tokens == 0:
                 return
-            batch = compat.step_batch(model_runner, num_tokens)
-            try:
-                slot = self._free.get(timeout=SLOT_WAIT_SEC)
-            except queue.Empty:
-                raise RuntimeError(
-                    f"the writer has not freed a host slot in {SLOT_WAIT_SEC:.0f} s"
-                ) from None
+            if self._read_batch is None:
+                self._read_batch = compat.step_batch_reader(model_runner)
+            batch = self._read_batch(num_tokens)
+            if self.writer.failed:
+                self.disabled = True  # the writer has said why
+                return
             n = batch.num_tokens
-            slot.ids[:n].copy_(self.capture.ids[:n], non_blocking=True)
-            slot.weights[:n].copy_(self.capture.weights[:n], non_blocking=True)
-            if slot.event is not None:
-                slot.event.record()
-            finished, self._pending_finished = frozenset(self._pending_finished), set()
-            self.writer.submit(
-                StepItem(
-                    batch=batch,
-                    ids=slot.ids_np,
-                    weights=slot.weights_np,
-                    ready=slot.event,
-                    new_prompt_lens=compat.new_prompt_lens(scheduler_output),
-                    finished=finished,
-                    release=lambda: self._free.put(slot),
+            start = self.ring.reserve(n, self.writer.wake, RING_WAIT_SEC)
+            row = start % self.ring.capacity
+            event = None
+            if self._rows_np is not None:
+                self.ring.rows_np[row : row + n] = self._rows_np[:n]
+            else:
+                self.ring.rows[row : row + n].copy_(
+                    self.capture.rows[:n], non_blocking=bool(self._events)
                 )
+                if self._events:
+                    event = self._events[self._next_event]
+                    self._next_event = (self._next_event + 1) % NUM_EVENTS
+                    event.record()
+            finished, self._pending_finished = self._pending_finished, set()
+            self.writer.submit(
+                StepItem(batch, start, event, compat.new_prompt_lens(scheduler_output), finished)
             )
         except Exception as e:
             self.disabled = True

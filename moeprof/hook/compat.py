@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
-
-import numpy as np
 
 from moeprof.hook.rows import StepBatch
 
@@ -75,30 +74,40 @@ def router_of(runner: Any, layer: int) -> Any:
     return router
 
 
-def step_batch(model_runner: Any, num_tokens: int) -> StepBatch:
-    """The batch of the step that just ran, copied (the runner reuses its arrays)."""
+def step_batch_reader(model_runner: Any) -> Callable[[int], StepBatch]:
+    """A function that copies the batch of the step that just ran (the runner reuses its
+    arrays). Which runner it is gets decided once, not every step."""
     state = getattr(model_runner, "execute_model_state", None)
-    v2_batch = getattr(state, "input_batch", None)
-    if v2_batch is not None and hasattr(v2_batch, "query_start_loc_np"):
-        num_reqs = len(v2_batch.req_ids)
-        return StepBatch(
-            req_ids=list(v2_batch.req_ids),
-            query_start_loc=np.array(v2_batch.query_start_loc_np[: num_reqs + 1]),
-            num_computed=np.array(v2_batch.num_computed_tokens_np[:num_reqs]),
-            num_tokens=int(v2_batch.num_tokens),
-        )
+    if hasattr(getattr(state, "input_batch", None), "query_start_loc_np"):
+
+        def read_v2(num_tokens: int) -> StepBatch:
+            batch = model_runner.execute_model_state.input_batch
+            num_reqs = len(batch.req_ids)
+            return StepBatch(
+                list(batch.req_ids),
+                batch.query_start_loc_np[: num_reqs + 1].tolist(),
+                batch.num_computed_tokens_np[:num_reqs].tolist(),
+                int(batch.num_tokens),
+            )
+
+        return read_v2
     v1_batch = getattr(model_runner, "input_batch", None)
     qsl = getattr(getattr(model_runner, "query_start_loc", None), "np", None)
     if v1_batch is None or qsl is None or not hasattr(v1_batch, "num_computed_tokens_cpu"):
         raise unsupported("the model runner exposes neither a V1 nor a V2 input batch")
-    req_ids = list(v1_batch.req_ids)
-    num_reqs = len(req_ids)
-    return StepBatch(
-        req_ids=req_ids,
-        query_start_loc=np.array(qsl[: num_reqs + 1]),
-        num_computed=np.array(v1_batch.num_computed_tokens_cpu[:num_reqs]),
-        num_tokens=num_tokens,
-    )
+
+    def read_v1(num_tokens: int) -> StepBatch:
+        batch = model_runner.input_batch
+        req_ids = list(batch.req_ids)
+        num_reqs = len(req_ids)
+        return StepBatch(
+            req_ids,
+            model_runner.query_start_loc.np[: num_reqs + 1].tolist(),
+            batch.num_computed_tokens_cpu[:num_reqs].tolist(),
+            num_tokens,
+        )
+
+    return read_v1
 
 
 def new_prompt_lens(scheduler_output: Any) -> dict[str, int]:

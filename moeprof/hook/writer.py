@@ -1,7 +1,9 @@
 """Turning captured rows into JSONL, on a background thread, so the engine never waits on I/O.
 
-The model's thread only hands over a step (host buffers + the batch layout) through a queue;
-this thread waits for the device-to-host copy, maps rows to requests, formats and writes.
+The model's thread only appends a step (where its rows sit in the host ring, and the batch
+layout) to a queue, without waking anyone; this thread looks at the queue every
+``IDLE_FLUSH_SEC``, and once the engine is idle or the ring half full it waits for the
+device-to-host copies, maps rows to requests, formats and writes.
 A failing write (disk full, file removed) turns logging off with one error message: the
 engine keeps serving, and the log keeps ending on a complete line.
 """
@@ -12,23 +14,22 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from moeprof.hook.rows import StepBatch, map_rows
+from moeprof.hook.ring import HostRing
+from moeprof.hook.rows import RowMapper, StepBatch
 
 logger = logging.getLogger("moeprof.hook")
 
 IDLE_FLUSH_SEC = 0.05
-FLUSH_ROUTES = 65536
 FORMAT_CHUNK = 1024
-_IDLE = object()
+FLUSH_ROWS = 1 << 16
 
 
 def route_template(layer: int, top_k: int) -> str:
@@ -44,13 +45,13 @@ def route_template(layer: int, top_k: int) -> str:
 
 def format_routes(
     template: str,
-    req_json: list[str],
+    req_json: Sequence[str] | np.ndarray,
     token_idx: np.ndarray,
     ids: np.ndarray,
     weights: np.ndarray,
     prefill: np.ndarray,
 ) -> str:
-    """All rows of a step in one %-format call: about 1.5 us a route, none of it per field."""
+    """Many rows in one %-format call: about 1.5 us a route, none of it per field."""
     n, k = ids.shape
     if n == 0:
         return ""
@@ -74,22 +75,20 @@ def format_routes(
     return text
 
 
-@dataclass
-class StepItem:
-    """What the model's thread hands over for one real step."""
+class StepItem(NamedTuple):
+    """What the model's thread hands over for one real step (a tuple: cheapest to build)."""
 
     batch: StepBatch
-    ids: Any
-    weights: Any
+    start: int
+    """Ring position of the step's first row (``batch.num_tokens`` rows)."""
     ready: Any
     """A CUDA event recorded after the device-to-host copy, or None when already on the host."""
-    new_prompt_lens: dict[str, int] = field(default_factory=dict)
-    finished: frozenset[str] = frozenset()
-    release: Callable[[], None] | None = None
+    new_prompt_lens: dict[str, int]
+    finished: frozenset[str] | set[str]
 
 
 class LogWriter:
-    """Owns the file and the thread; also the per-request state that mapping rows needs."""
+    """Owns the file, the host ring and the thread; also the per-request state of mapping rows."""
 
     def __init__(
         self,
@@ -99,6 +98,7 @@ class LogWriter:
         top_k: int,
         external_id: Callable[[str], str],
         overwrite: bool,
+        ring: HostRing,
     ) -> None:
         self.path = path
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
@@ -110,135 +110,122 @@ class LogWriter:
             ) from None
         except OSError as e:
             raise RuntimeError(f"moeprof: cannot open {path} for writing: {e}") from None
+        self.ring = ring
         self._template = route_template(layer, top_k)
         self._external_id = external_id
         self._req_json: dict[str, str] = {}
-        self._prompt_len: dict[str, int] = {}
-        self._logged_upto: dict[str, int] = {}
+        self._mapper = RowMapper()
         self.routes_written = 0
         self.recomputed_skipped = 0
         self.failed = False
         self._size = 0
-        self._queue: queue.SimpleQueue[StepItem | None] = queue.SimpleQueue()
+        self._items: deque[StepItem] = deque()
+        self._submitted = 0
+        self._wake = threading.Event()
+        self._closed = False
         self._write(json.dumps(meta, separators=(",", ":")) + "\n")
         self._thread = threading.Thread(target=self._run, name="moeprof-writer", daemon=True)
         self._thread.start()
-        self._closed = False
 
     def submit(self, item: StepItem) -> None:
+        """Queue a step; called on the model's thread, so it wakes nobody."""
         if self.failed or self._closed:
-            if item.release:
-                item.release()
+            self.ring.release(item.start + item.batch.num_tokens)
             return
-        self._queue.put(item)
+        self._items.append(item)
+        self._submitted += 1
+
+    def wake(self) -> None:
+        """Have the thread look at the queue now instead of at its next tick."""
+        self._wake.set()
 
     def close(self, timeout: float = 60.0) -> None:
         """Drain what is queued, then close the file; safe to call more than once."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
+        self._wake.set()
         self._thread.join(timeout)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
     def _run(self) -> None:
-        """Take each step off its host slot at once; render and write in batches.
+        """Every ``IDLE_FLUSH_SEC`` (or when woken) decide whether to render what is queued.
 
-        Rendering waits until the engine is idle (no step for ``IDLE_FLUSH_SEC``), the backlog
-        reaches ``FLUSH_ROUTES`` rows, or the log is closed: on a busy machine the formatting
-        then costs the engine no CPU time while it generates, and is done in fewer, larger
-        calls. The GIL is handed back between chunks of ``FORMAT_CHUNK`` rows.
+        Rendering waits until the engine is idle (no step since the last look), the ring is
+        half full, or the log is closed: on a busy machine the formatting then costs the
+        engine no CPU time while it generates, and is done in fewer, larger calls. The GIL is
+        handed back between chunks of ``FORMAT_CHUNK`` rows.
         """
-        pending: list[StepItem] = []
-        backlog = 0
+        seen = 0
         while True:
-            try:
-                item = self._queue.get(timeout=IDLE_FLUSH_SEC if pending else None)
-            except queue.Empty:
-                item = _IDLE
-            if item is None or item is _IDLE or backlog >= FLUSH_ROUTES:
-                self._flush(pending)
-                pending, backlog = [], 0
-                if item is None:
-                    return
-                if item is _IDLE:
-                    continue
-            try:
-                pending.append(self._take(item))
-                backlog += item.batch.num_tokens
-            except Exception as e:  # never let logging take the engine down
-                self._fail(e)
+            self._wake.wait(IDLE_FLUSH_SEC)
+            self._wake.clear()
+            closing = self._closed
+            submitted = self._submitted
+            idle = submitted == seen
+            seen = submitted
+            if closing or idle or self.ring.backlog * 2 >= self.ring.capacity:
+                self._flush()
+            if closing:
+                return
 
-    def _take(self, item: StepItem) -> StepItem:
-        """Copy the step's rows out of its host slot and give the slot back."""
-        try:
-            if item.ready is not None:
-                item.ready.synchronize()
-            n = item.batch.num_tokens
-            return replace(
-                item,
-                ids=np.array(item.ids[:n]),
-                weights=np.array(item.weights[:n]),
-                ready=None,
-                release=None,
-            )
-        finally:
-            if item.release:
-                item.release()
-
-    def _flush(self, pending: list[StepItem]) -> None:
-        if self.failed or not pending:
+    def _flush(self) -> None:
+        """Render every queued step and write it, ``FLUSH_ROWS`` at a time; free the rows."""
+        items: list[StepItem] = []
+        with contextlib.suppress(IndexError):
+            while True:
+                items.append(self._items.popleft())
+        if not items:
             return
+        last = items[-1]
+        end = last.start + last.batch.num_tokens
         try:
-            for item in pending:
-                self._write(self._render(item))
+            if self.failed:
+                return
+            if last.ready is not None:
+                last.ready.synchronize()  # copies run in stream order: the last one ends last
+            group: list[StepItem] = []
+            rows = 0
+            for item in items:
+                group.append(item)
+                rows += item.batch.num_tokens
+                if rows >= FLUSH_ROWS:
+                    self._write(self._render(group))
+                    group, rows = [], 0
+            if group:
+                self._write(self._render(group))
         except Exception as e:  # never let logging take the engine down
             self._fail(e)
+        finally:
+            self.ring.release(end)
 
-    def _render(self, item: StepItem) -> str:
-        for rid, n in item.new_prompt_lens.items():
-            self._prompt_len[rid] = n
-        batch = item.batch
-        upto = np.fromiter(
-            (self._logged_upto.get(r, 0) for r in batch.req_ids), np.int64, len(batch.req_ids)
+    def _render(self, items: list[StepItem]) -> str:
+        capacity = self.ring.capacity
+        mapped = self._mapper.map(
+            (it.batch, it.start % capacity, it.new_prompt_lens, it.finished) for it in items
         )
-        mapped = map_rows(batch, upto)
-        rows = mapped.rows
-        if len(rows) < batch.num_tokens:
+        if mapped.skipped:
             if not self.recomputed_skipped:
                 logger.warning(
                     "moeprof: vLLM preempted a request and recomputes its tokens; "
                     "tokens recomputed after preemption are logged once, not again"
                 )
-            self.recomputed_skipped += batch.num_tokens - len(rows)
-        ids = item.ids[rows]  # already the step's own rows, copied off the slot by _take
-        weights = item.weights[rows]
-        req_json = [self._json_id(r) for r in batch.req_ids]
-        prompt_len = np.fromiter(
-            (self._prompt_len.get(r, -1) for r in batch.req_ids), np.int64, len(batch.req_ids)
-        )
-        prefill = mapped.token_idx < prompt_len[mapped.req_index]
+            self.recomputed_skipped += mapped.skipped
+        seg_json = np.array([self._json_id(r) for r in mapped.seg_req], dtype=object)
         text = format_routes(
             self._template,
-            [req_json[j] for j in mapped.req_index.tolist()],
+            np.repeat(seg_json, mapped.seg_len),
             mapped.token_idx,
-            ids,
-            weights,
-            prefill,
+            self.ring.ids_np[mapped.rows],
+            self.ring.weights_np[mapped.rows],
+            mapped.prefill,
         )
-        if len(rows):
-            ends = np.zeros(len(batch.req_ids), dtype=np.int64)
-            np.maximum.at(ends, mapped.req_index, mapped.token_idx + 1)
-            for j, rid in enumerate(batch.req_ids):
-                if ends[j] > self._logged_upto.get(rid, 0):
-                    self._logged_upto[rid] = int(ends[j])
-        for rid in item.finished:
-            self._logged_upto.pop(rid, None)
-            self._prompt_len.pop(rid, None)
-            self._req_json.pop(rid, None)
-        self.routes_written += len(rows)
+        for it in items:
+            for rid in it.finished:
+                self._req_json.pop(rid, None)
+        self.routes_written += len(mapped.rows)
         return text
 
     def _json_id(self, rid: str) -> str:
