@@ -1,35 +1,45 @@
 """Streaming reader for moeprof logs: constant memory, numpy chunks out, pydantic as the judge.
 
-Why two paths: pydantic (``schema.parse_route``) is the definition of a valid route but costs
+Why three paths: pydantic (``schema.parse_route``) is the definition of a valid route but costs
 microseconds a record, too slow for logs of tens of millions of routes. So the file is read in
-big byte blocks, each block is decoded in one call by msgspec into structs shaped from the meta
-(fixed-length id/weight tuples and the logged layers as literals, so a wrong ``top_k`` or layer
-fails at decode time), and the remaining rules (distinct ids, id range, finite weights) are
-checked with numpy on the whole block. A block is accepted only if every one of its lines holds
-exactly one record and every check passed; otherwise it is halved and retried, and small
-remainders are parsed line by line with pydantic, so problems carry exact line numbers and
-pydantic's own reasons while a few bad lines do not slow down the rest of the file.
+big byte blocks, and each block goes down the first path that takes it:
 
-The fast path is written to be at most as permissive as the schema: anything it is unsure of
-goes to pydantic.
+1. :mod:`moeprof.analysis.fastparse` parses lines in the hook's exact byte layout with numpy,
+   all lines of a block at once and no Python object per record. Lines it does not recognise
+   (another key order, spaces, escapes, unusual numbers) are decoded by msgspec below and put
+   back in place; if msgspec cannot take them either, the whole block goes down to path 2.
+2. msgspec decodes the block in one call into structs shaped from the meta (fixed-length
+   id/weight tuples and the logged layers as literals, so a wrong ``top_k`` or layer fails at
+   decode time), and the remaining rules (distinct ids, id range, finite weights) are checked
+   with numpy on the whole block. A block is accepted only if every one of its lines holds
+   exactly one record and every check passed; otherwise it is halved and retried, and
+3. small remainders are parsed line by line with pydantic, so problems carry exact line numbers
+   and pydantic's own reasons while a few bad lines do not slow down the rest of the file.
+
+Paths 1 and 2 are written to be at most as permissive as the schema, and to yield bit-identical
+values: anything they are unsure of goes one path down. :data:`FAST_PATHS` switches paths off
+(tests compare them).
 """
 
 from __future__ import annotations
 
+import codecs
 import gc
 import operator
+import os
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, BinaryIO, Literal
 
 import msgspec
 import numpy as np
 from pydantic import ValidationError
 
 from moeprof import schema
+from moeprof.analysis import fastparse
 from moeprof.errors import UserError
 
 BLOCK_BYTES = 4 << 20
@@ -38,6 +48,14 @@ MAX_FAST_TOP_K = 256
 """Beyond this the fast path's fixed-length tuple types get silly; such logs go line by line."""
 SLOW_LINES = 64
 """Blocks the fast path rejects are halved down to this many lines, then parsed by pydantic."""
+SUB_BLOCK_LINES = 8192
+"""Lines the vectorized parser takes at once: its temporaries then stay in the CPU caches."""
+MAX_ODD_SHARE = 0.25
+"""A block with more lines than this outside the hook's layout goes to msgspec whole."""
+SKIP_BLOCKS = 8
+"""After such a block, the next this many go straight to msgspec (a log by another writer)."""
+FAST_PATHS = {"vector": True, "msgspec": True}
+"""Which fast paths the reader may use (pydantic is always there); for tests and benchmarks."""
 
 PHASES: tuple[str, ...] = ("prefill", "decode")
 """Phase codes in chunks: index into this tuple; -1 where the record has no phase."""
@@ -94,7 +112,10 @@ class RouteChunk:
 
     def take(self, rows: np.ndarray) -> RouteChunk:
         """The chunk restricted to ``rows`` (a boolean mask or indices)."""
-        return RouteChunk(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+        fields = [getattr(self, f) for f in self.__dataclass_fields__]
+        if rows.dtype == bool:  # compress and take: both far cheaper than [rows] on 2-d arrays
+            return RouteChunk(*(np.compress(rows, a, axis=0) for a in fields))
+        return RouteChunk(*(np.take(a, rows, axis=0) for a in fields))
 
 
 class _Codes(dict[str, int]):
@@ -108,6 +129,15 @@ class _Codes(dict[str, int]):
         code = self[key] = len(self.names)
         self.names.append(key)
         return code
+
+
+class _Views:
+    """A read buffer seen as bytes, as unaligned 8-byte words and as rows (for fastparse)."""
+
+    def __init__(self, buf: bytearray) -> None:
+        self.bytes = np.frombuffer(buf, np.uint8)
+        self.words = fastparse.word_view(buf)
+        self.rows = fastparse.row_view(buf)
 
 
 class _Reject(Exception):
@@ -173,6 +203,32 @@ def _one_object_per_line(data: memoryview, scratch: np.ndarray) -> int | None:
         closes += int(np.count_nonzero(np.equal(pairs, 0x0A7D, out=out)))  # "}\n"
         opens += int(np.count_nonzero(np.equal(pairs, 0x7B0A, out=out)))  # "\n{"
     return n if closes == n and opens == n - 1 else None
+
+
+def _read_ahead(f: BinaryIO) -> None:
+    """Ask the kernel to start reading the next blocks while this one is parsed: a log that is
+    not (or no longer) in the page cache then costs disk time only once, not on top of the
+    parsing. Only a hint; files that cannot take it are read as before."""
+    if _FADV_WILLNEED is None:
+        return
+    with suppress(OSError, ValueError):
+        os.posix_fadvise(f.fileno(), f.tell(), 2 * BLOCK_BYTES, _FADV_WILLNEED)
+
+
+_FADV_WILLNEED: int | None = getattr(os, "POSIX_FADV_WILLNEED", None)
+
+
+def _utf8(data: memoryview) -> bool:
+    """Whether ``data`` is valid UTF-8. msgspec checks the strings it decodes but not the ones
+    it skips (unknown keys and their values), where pydantic rejects invalid UTF-8 too. The
+    ASCII test is the cheap common case."""
+    if int(np.frombuffer(data, np.uint8).max(initial=0)) < 0x80:
+        return True
+    try:
+        codecs.utf_8_decode(data, "strict", True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _looks_binary(line: bytes) -> bool:
@@ -245,9 +301,15 @@ class RouteLog:
         self.lines_read = routes_first_line - 1
         """Lines seen so far (meta included); final after a complete pass."""
         self._decoder: msgspec.json.Decoder | None = None
+        self._parser: fastparse.BlockParser | None = None
+        self._skip_vector = 0
+        """Blocks left before the vectorized parser is tried again."""
         if meta is not None:
             if meta.top_k <= MAX_FAST_TOP_K:
                 self._decoder = msgspec.json.Decoder(_route_struct(meta.top_k, meta.layers_logged))
+                self._parser = fastparse.BlockParser(
+                    meta.top_k, meta.layers_logged, meta.num_experts
+                )
             order = np.argsort(meta.layers_logged)
             self._sorted_layers = np.asarray(meta.layers_logged, np.int64)[order]
             self._slot_of_sorted = order
@@ -293,25 +355,29 @@ class RouteLog:
         """
         sink = on_issue or self._raise_errors
         line = self._first_line
+        self._skip_vector = 0
         try:
             f = self.path.open("rb")
         except OSError as e:
             raise LogError(f"{self.path}: cannot read: {e.strerror or e}") from e
         with f:
             f.seek(self._offset)
-            buf = bytearray(BLOCK_BYTES)
-            if self._scratch.size < BLOCK_BYTES:
-                self._scratch = np.empty(BLOCK_BYTES, bool)
+            pad = self._parser.pad if self._parser is not None else 0
+            buf = bytearray(BLOCK_BYTES + pad)  # the parser reads past a block's last line
+            if self._scratch.size < BLOCK_BYTES + 64:
+                self._scratch = np.empty(BLOCK_BYTES + 64, bool)
+            views = _Views(buf)
             fill = 0
             skipping = False
             while True:
-                if fill == len(buf):
+                if fill == BLOCK_BYTES:
                     if not skipping:
                         sink(Issue(line, _LONG_LINE))
                     fill, skipping = 0, True
-                got = f.readinto(memoryview(buf)[fill:])
+                got = f.readinto(memoryview(buf)[fill:BLOCK_BYTES])
                 if not got:
                     break
+                _read_ahead(f)
                 fill += got
                 end = buf.rfind(b"\n", 0, fill) + 1
                 if end == 0:
@@ -322,7 +388,7 @@ class RouteLog:
                     line += 1
                     skipping = False
                 if start < end:
-                    line += yield from self._span(buf, start, end, line, sink)
+                    line += yield from self._span(buf, views, start, end, line, sink)
                 tail = fill - end
                 buf[:tail] = buf[end:fill]
                 fill = tail
@@ -338,11 +404,27 @@ class RouteLog:
             raise LogError(issue.format(self.path))
 
     def _span(
+        self, buf: bytearray, views: _Views, start: int, end: int, first: int, sink: IssueSink
+    ) -> Generator[RouteChunk, None, int]:
+        """Lines ``buf[start:end]`` (ending in a newline): the vectorized parser, else msgspec.
+        Returns the number of lines consumed."""
+        if self._parser is not None and FAST_PATHS["vector"]:
+            if self._skip_vector:
+                self._skip_vector -= 1
+            else:
+                chunk = self._vector(buf, views, start, end, first)
+                if chunk is not None:
+                    if len(chunk):
+                        yield chunk
+                    return len(chunk)
+        return (yield from self._span_msgspec(buf, start, end, first, sink))
+
+    def _span_msgspec(
         self, buf: bytearray, start: int, end: int, first: int, sink: IssueSink
     ) -> Generator[RouteChunk, None, int]:
-        """Lines ``buf[start:end]`` (ending in a newline): fast path, else halve, else pydantic.
+        """Lines ``buf[start:end]`` (ending in a newline): msgspec, else halve, else pydantic.
         Returns the number of lines consumed."""
-        if self._decoder is not None:
+        if self._decoder is not None and FAST_PATHS["msgspec"]:
             data = memoryview(buf)[start:end]
             nlines = _one_object_per_line(data, self._scratch)
             if nlines is not None:
@@ -355,13 +437,13 @@ class RouteLog:
                         yield chunk
                     return nlines
         nlines = buf.count(b"\n", start, end)
-        if nlines > SLOW_LINES and self._decoder is not None:
+        if nlines > SLOW_LINES and self._decoder is not None and FAST_PATHS["msgspec"]:
             mid = buf.find(b"\n", start + (end - start) // 2, end) + 1
             if mid == end:
                 mid = buf.rfind(b"\n", start, end - 1) + 1
             if start < mid < end:
-                left = yield from self._span(buf, start, mid, first, sink)
-                right = yield from self._span(buf, mid, end, first + left, sink)
+                left = yield from self._span_msgspec(buf, start, mid, first, sink)
+                right = yield from self._span_msgspec(buf, mid, end, first + left, sink)
                 return left + right
         lines = bytes(buf[start:end]).split(b"\n")[:-1]
         chunk = self._slow(lines, first, sink)
@@ -369,7 +451,112 @@ class RouteLog:
             yield chunk
         return nlines
 
-    def _fast(self, data: memoryview, first: int, nlines: int) -> RouteChunk:
+    def _vector(
+        self, buf: bytearray, views: _Views, start: int, end: int, first: int
+    ) -> RouteChunk | None:
+        """All lines of ``buf[start:end]`` as one chunk, parsed by :mod:`fastparse`; lines it
+        does not recognise are decoded by msgspec and put in their place. None when either
+        declines (the caller then takes the msgspec path for the whole block)."""
+        parser = self._parser
+        assert parser is not None
+        words, rows = views.words, views.rows
+        ends = fastparse.line_bounds(views.bytes, start, end, self._scratch)
+        n, k = ends.size, parser.k
+        starts = np.empty(n, np.int64)
+        starts[0] = start
+        starts[1:] = ends[:-1] + 1
+        parts: list[tuple[int, fastparse.Parsed]] = []
+        odd_lines = 0
+        try:
+            for s in range(0, n, SUB_BLOCK_LINES):
+                p = parser.parse(
+                    words, rows, starts[s : s + SUB_BLOCK_LINES], ends[s : s + SUB_BLOCK_LINES]
+                )
+                if p is not None:
+                    odd_lines += p.ok.size - int(np.count_nonzero(p.ok))
+                if p is None or odd_lines > MAX_ODD_SHARE * n:
+                    self._skip_vector = SKIP_BLOCKS  # not the hook's layout: stop trying a while
+                    return None
+                parts.append((s, p))
+        except IndexError:  # the buffer is padded so that this cannot happen; never fail a read
+            return None
+        ok = np.concatenate([p.ok for _, p in parts]) if len(parts) > 1 else parts[0][1].ok
+        odd = np.flatnonzero(~ok)
+        base = len(self._codes.names)
+        other: RouteChunk | None = None
+        if odd.size:
+            if self._decoder is None or not FAST_PATHS["msgspec"]:
+                return None
+            data = memoryview(b"".join([buf[starts[i] : ends[i] + 1] for i in odd.tolist()]))
+            if _one_object_per_line(data, self._scratch) != odd.size:
+                return None
+            try:
+                other = self._fast(data, first, odd.size, odd + first)
+            except _Reject:
+                return None
+        ids = np.empty((n, k), np.int64)
+        weights = np.empty((n, k), np.float32)
+        token_idx = np.empty(n, np.int64)
+        layer = np.empty(n, np.int64)
+        phase = np.empty(n, np.int8)
+        req = np.zeros(n, np.int64)
+        for s, p in parts:
+            e = s + p.ok.size
+            ids[s:e] = p.ids.T
+            weights[s:e] = p.weights.T  # float64 -> float32, rounded as astype does
+            token_idx[s:e] = p.token_idx
+            layer[s:e] = p.layer
+            phase[s:e] = p.phase
+            if p.rid_first.size:
+                at = (starts[s + p.rid_first] + fastparse.RID_OFFSET).tolist()
+                size = p.rid_len[p.rid_first].tolist()
+                codes = [
+                    self._codes[buf[i : i + m].decode("ascii")]
+                    for i, m in zip(at, size, strict=True)
+                ]
+                req[s:e] = np.asarray(codes, np.int64)[p.rid_inverse]
+        if other is not None:
+            ids[odd] = other.ids
+            weights[odd] = other.weights
+            token_idx[odd] = other.token_idx
+            layer[odd] = other.layer
+            phase[odd] = other.phase
+            req[odd] = other.req
+            req = self._first_seen(req, base)
+        return RouteChunk(
+            ids=ids,
+            weights=weights,
+            layer=layer,
+            token_idx=token_idx,
+            phase=phase,
+            req=req,
+            line=np.arange(first, first + n, dtype=np.int64),
+        )
+
+    def _first_seen(self, req: np.ndarray, base: int) -> np.ndarray:
+        """Renumber the request codes added since there were ``base`` (all of them used in
+        ``req``) in order of first appearance in ``req``, as reading line by line would."""
+        fresh = np.flatnonzero(req >= base)
+        if not fresh.size:
+            return req
+        codes, at = np.unique(req[fresh], return_index=True)
+        order = codes[np.argsort(at)]
+        names = self._codes.names
+        if order.size != len(names) - base or (order == np.arange(base, len(names))).all():
+            return req
+        added = names[base:]
+        remap = np.empty(order.size, np.int64)
+        for new, old in enumerate(order.tolist(), start=base):
+            names[new] = added[old - base]
+            self._codes[names[new]] = new
+            remap[old - base] = new
+        req[fresh] = remap[req[fresh] - base]
+        return req
+
+    def _fast(
+        self, data: memoryview, first: int, nlines: int, lines: np.ndarray | None = None
+    ) -> RouteChunk:
+        """msgspec on ``nlines`` lines numbered from ``first`` (or numbered ``lines``)."""
         meta = self.meta
         assert meta is not None
         n, k = nlines, meta.top_k
@@ -388,12 +575,14 @@ class RouteLog:
             token_idx=token_idx,
             phase=phase,
             req=req,
-            line=np.arange(first, first + n, dtype=np.int64),
+            line=np.arange(first, first + n, dtype=np.int64) if lines is None else lines,
         )
 
     def _columns(self, data: memoryview, n: int, k: int) -> tuple[np.ndarray, ...]:
         """Decode ``n`` lines with msgspec and turn the records into columns. Runs with the GC
         paused and drops the records before returning, so no collection ever scans them."""
+        if not _utf8(data):
+            raise _Reject
         try:
             recs = self._decoder.decode_lines(data)  # type: ignore[union-attr]
         except (msgspec.DecodeError, ValueError) as e:

@@ -249,7 +249,9 @@ class RoutingAccumulator:
         self.tokens += n
         self.top1_sum += float(rank[0])
         self.wsum_sum += float(rank.sum())
-        self.wsum_sq += float(np.dot(sums, sums))
+        # Not np.dot: OpenBLAS spreads a long dot product over threads, which costs far more
+        # than the sum itself (and stalls whenever another process holds the other cores).
+        self.wsum_sq += float(np.square(sums).sum())
         self.rank_sums = rank if self.rank_sums is None else self.rank_sums + rank
 
     def merge(self, other: RoutingAccumulator) -> RoutingAccumulator:
@@ -669,14 +671,16 @@ class ContaminationDetector:
 
 
 def _rows_equal_next(a: np.ndarray) -> np.ndarray:
-    """out[i] = row i+1 equals row i, bit for bit; comparing rows as one or two 64-bit words
-    where they fit is several times cheaper than an element-wise compare and reduce."""
+    """out[i] = row i+1 equals row i, bit for bit; comparing rows as 64-bit words where they
+    fit is several times cheaper than an element-wise compare and reduce. (Integer rows of any
+    width in whole words qualify: for them bits and values are the same thing.)"""
     width = a.shape[1] * a.itemsize
-    if a.flags.c_contiguous and width in (8, 16):
+    words_ok = width in (8, 16) or (a.dtype.kind in "iu" and width % 8 == 0 and width <= 64)
+    if a.flags.c_contiguous and words_ok and a.shape[0]:
         words = a.view(np.uint64)
         out = words[1:, 0] == words[:-1, 0]
-        if width == 16:
-            out &= words[1:, 1] == words[:-1, 1]
+        for j in range(1, width // 8):
+            out &= words[1:, j] == words[:-1, j]
         return out
     return (a[1:] == a[:-1]).all(axis=1)
 

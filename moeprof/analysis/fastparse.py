@@ -1,0 +1,567 @@
+"""Vectorized parsing of route lines in the hook's exact byte layout, with no Python object per
+record.
+
+Why: msgspec decodes a route in ~300 ns, but turning its records into numpy columns (one Python
+int or float per id and weight, then freeing them) costs as much again, which kept ``validate``
+and ``analyze`` under a million routes a second. The hook writes every line from one template::
+
+    {"type":"route","req_id":"0","token_idx":7,"layer":12,"topk_ids":[40,48,22,4],
+     "topk_weights":[0.1149279,0.1104169,0.08656031,6.181274e-05],"phase":"prefill"}
+
+(one line, no spaces; ``phase`` may be absent), so a block of such lines is parsed field by field
+for all lines at once. Each step reads the 8 bytes at every line's cursor as one uint64 (or a
+48-byte row where a literal part of the template starts) and reads them with
+SIMD-within-a-register arithmetic: the length of a digit run, its value, the byte that ends it.
+Every byte of an accepted line is checked: literal bytes against the template, numbers against
+JSON's number grammar, the request id as printable ASCII without quotes or backslashes, and the
+line must end exactly at its newline.
+
+The rule that keeps this honest: a line is accepted only if it is valid JSON that the pydantic
+schema accepts, and every value equals what msgspec (and pydantic) produce. Integers have at
+most 7 digits, so they need no overflow care. A weight is read as an integer V that a double
+holds exactly (its digits without the dot: below 10**15, or, padded with zeros to 16 digits,
+an even number below 2**54) times 10**E with E in [-22, 22], also exact; so ``V * 10**E`` or
+``V / 10**-E`` is one IEEE operation and gives the correctly rounded double (Clinger's fast
+path), which is what any correct parser returns. The reader narrows it to float32 exactly as
+it narrows msgspec's double. Anything else (other key orders, spaces, escapes or non-ASCII in
+the request id, NaN, long or tiny numbers, ids out of range or repeated, layers not logged)
+only marks the line as not parsed here; the caller hands those lines to the msgspec path, and
+pydantic below it.
+
+Cursors only ever move forward by bounded steps (a digit run reads at most 8 bytes), so with
+:meth:`BlockParser.pad` readable bytes after a block no read leaves the buffer, even on lines of
+garbage.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+ROW = 48
+"""Bytes read at once where a literal part of the template starts."""
+MAX_RID_WORDS = 16
+"""Request ids of more than 8 * this bytes are left to the fallback."""
+MAX_LAYER_VARIANTS = 8
+"""Up to this many logged layers, ``"layer":N`` is matched as part of a literal."""
+
+_U = np.uint64
+_HIGH = _U(0x8080808080808080)
+_LOW7 = _U(0x7F7F7F7F7F7F7F7F)
+_ZEROS = _U(0x3030303030303030)  # b"00000000"
+_ADD9 = _U(0x7676767676767676)  # (b & 0x7f) + 0x76 has the high bit iff b & 0x7f > 9
+_ONES = _U(0x0101010101010101)
+_ADD20 = _U(0x6060606060606060)  # (b & 0x7f) + 0x60 has the high bit iff b & 0x7f >= 0x20
+_QUOTES = _U(0x2222222222222222)
+_BACKSLASHES = _U(0x5C5C5C5C5C5C5C5C)
+_PAIRS = _U(0x000000FF000000FF)
+_MUL1 = _U(100 + (1000000 << 32))
+_MUL2 = _U(1 + (10000 << 32))
+_LOW_BYTE = _U(0xFF)
+_TOP_BYTE = _U(0xFF << 56)
+
+_POW10_INT = np.array([10**i for i in range(17)], np.uint64)
+_POW10_FLOAT = np.array([10.0**i for i in range(23)], np.float64)  # all exact
+_MAX_MANTISSA_DIGITS = 15  # 10**15 < 2**53
+_MAX_EXP10 = 22  # 10**22 is the largest exact power of ten
+
+_TYPE_REQ = b'{"type":"route","req_id":"'
+_TOKEN = b'","token_idx":'
+_LAYER = b',"layer":'
+_IDS = b',"topk_ids":['
+_WEIGHTS = b'],"topk_weights":['
+_TAILS: tuple[tuple[bytes, int], ...] = (
+    (b'],"phase":"prefill"}\n', 0),
+    (b'],"phase":"decode"}\n', 1),
+    (b"]}\n", -1),
+)
+RID_OFFSET = len(_TYPE_REQ)
+"""Where a line's request id starts."""
+
+_COMMA, _CLOSE, _QUOTE, _DOT, _MINUS, _PLUS = (_U(c) for c in b',]".-+')
+
+
+# --------------------------------------------------------------------------- SWAR helpers
+
+
+def _flags_nondigit(x: np.ndarray) -> np.ndarray:
+    """High bit of each byte of ``x`` (bytes already XOR b"0") set where it is not a digit."""
+    return (((x & _LOW7) + _ADD9) | x) & _HIGH
+
+
+def _flags_zero(x: np.ndarray) -> np.ndarray:
+    """High bit of each byte set exactly where the byte is zero (no false positives)."""
+    return ~(((x & _LOW7) + _LOW7) | x) & _HIGH
+
+
+def _count_below(flags: np.ndarray) -> np.ndarray:
+    """Bytes below the lowest flagged one (8 when none is flagged), as uint64."""
+    below = (flags - _U(1)) & ~flags
+    return (((below & _HIGH) >> _U(7)) * _ONES) >> _U(56)
+
+
+def _digits_value(x: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """The decimal value of the low ``n`` bytes of ``x`` (digit values 0-9, first digit lowest):
+    right-align them (zeros in front are leading zeros), then Lemire's 8-digit SWAR sum."""
+    y = x << ((_U(8) - n) << _U(3))
+    y = y * _U(10) + (y >> _U(8))
+    return (((y & _PAIRS) * _MUL1) + (((y >> _U(16)) & _PAIRS) * _MUL2)) >> _U(32)
+
+
+def _byte_at(w: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Byte ``n`` (0-7; 8 gives 0) of each word."""
+    return (w >> (n << _U(3))) & _LOW_BYTE
+
+
+@functools.cache
+def _word(lit: bytes) -> tuple[np.uint64, np.uint64]:
+    """(little-endian value, mask) of up to 8 literal bytes."""
+    return _U(int.from_bytes(lit.ljust(8, b"\0"), "little")), _U((1 << (8 * len(lit))) - 1)
+
+
+def _int(x: np.ndarray) -> np.ndarray:
+    return x.view(np.int64)
+
+
+# --------------------------------------------------------------------------- buffers
+
+
+def word_view(buf: bytearray | np.ndarray) -> np.ndarray:
+    """``out[i]`` is bytes ``i..i+7`` of ``buf`` as a little-endian uint64 (an unaligned view)."""
+    return np.ndarray((len(buf) - 7,), np.dtype("<u8"), buffer=buf, strides=(1,))
+
+
+def row_view(buf: bytearray | np.ndarray) -> np.ndarray:
+    """``out[i]`` is bytes ``i..i+ROW-1`` of ``buf`` (a strided view, copied when indexed)."""
+    return np.ndarray((len(buf) - ROW + 1, ROW), np.uint8, buffer=buf, strides=(1, 1))
+
+
+def line_bounds(a: np.ndarray, start: int, end: int, scratch: np.ndarray) -> np.ndarray:
+    """Offsets of the newlines in ``a[start:end]`` (relative to ``a``). ``scratch`` is a bool
+    buffer of at least ``end - start + 64`` bytes.
+
+    ``flatnonzero`` over megabytes costs more than finding the newlines: packing the comparison
+    to one bit a byte and looking at 64 bytes at a time first is cheaper (lines are longer than
+    64 bytes; when two newlines share a word, the plain way is taken).
+    """
+    m = end - start
+    m64 = (m + 63) & ~63
+    eq = scratch[:m64]
+    np.equal(a[start:end], 10, out=eq[:m])
+    eq[m:m64] = False
+    bits = np.packbits(eq, bitorder="little").view(np.uint64)
+    at = np.flatnonzero(bits)
+    w = bits[at]
+    if ((w & (w - _U(1))) != _U(0)).any():
+        return np.flatnonzero(eq[:m]) + start
+    bit = (w.astype(np.float64).view(np.int64) >> 52) - 1023  # single bits: exact powers of 2
+    return (at << 6) + bit + start
+
+
+class _Rows:
+    """A block of ``ROW``-byte rows as uint64 words, read at constant byte offsets."""
+
+    def __init__(self, rows: np.ndarray, pos: np.ndarray) -> None:
+        self.w = rows[pos].view(np.uint64)
+
+    def word(self, off: int) -> np.ndarray:
+        """Bytes ``off..off+7`` of every row."""
+        c, s = divmod(off, 8)
+        if s == 0:
+            return self.w[:, c]
+        return (self.w[:, c] >> _U(8 * s)) | (self.w[:, c + 1] << _U(64 - 8 * s))
+
+    def literal(self, lit: bytes, off: int = 0) -> np.ndarray:
+        """Rows holding ``lit`` at byte ``off``."""
+        ok: np.ndarray | None = None
+        for i in range(0, len(lit), 8):
+            expect, mask = _word(lit[i : i + 8])
+            w = self.word(off + i)
+            eq = (w if len(lit) - i >= 8 else w & mask) == expect
+            ok = eq if ok is None else ok & eq
+        assert ok is not None
+        return ok
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class Parsed:
+    """Columns of a block of lines; rows where ``ok`` is False hold garbage."""
+
+    ok: np.ndarray
+    ids: np.ndarray
+    """(k, n) int64."""
+    weights: np.ndarray
+    """(k, n) float64, as a correct parser reads them (the caller narrows to float32)."""
+    token_idx: np.ndarray
+    layer: np.ndarray
+    phase: np.ndarray
+    rid_first: np.ndarray
+    """Row of the first line of each distinct request id, in order of first appearance."""
+    rid_inverse: np.ndarray
+    """Index into ``rid_first`` for each row."""
+    rid_len: np.ndarray
+    """Request id length in bytes for each row (its text starts at line start + RID_OFFSET)."""
+
+
+class BlockParser:
+    """Parses blocks of route lines for one log's ``top_k``, ``layers_logged``, ``num_experts``.
+
+    :meth:`parse` returns None when the block is not worth it (most lines are not in the
+    template, or a request id hash collided), so the caller falls back for the whole block.
+    """
+
+    def __init__(self, top_k: int, layers: list[int], num_experts: int | None) -> None:
+        self.k = top_k
+        self.layers = np.asarray(sorted(layers), np.int64)
+        self.num_experts = num_experts
+        self._id_ends = np.full((top_k, 1), _COMMA ^ _U(0x30), np.uint64)
+        self._id_ends[-1] = _CLOSE ^ _U(0x30)
+        self.pad = 512 + 64 * top_k + 8 * MAX_RID_WORDS
+        """Readable bytes needed after a block's end (see the module docstring)."""
+        self._layer_lits: list[tuple[int, bytes]] | None = None
+        if len(layers) <= MAX_LAYER_VARIANTS and max(layers) < 10**9:
+            self._layer_lits = [(lay, b'"layer":%d' % lay) for lay in sorted(layers)]
+
+    def parse(
+        self,
+        words: np.ndarray,
+        rows: np.ndarray,
+        starts: np.ndarray,
+        ends: np.ndarray,
+    ) -> Parsed | None:
+        """The lines at ``starts`` ending with a newline at ``ends``, read through
+        :func:`word_view` and :func:`row_view` of one buffer."""
+        n = starts.size
+        k = self.k
+        head = _Rows(rows, starts)
+        ok = head.literal(_TYPE_REQ)
+        if np.count_nonzero(ok) < n // 2:
+            return None
+        rid_len, quote, parts = self._request_ids(words, head, starts, ok)
+
+        r = _Rows(rows, quote)
+        ok &= r.literal(_TOKEN)
+        token_idx, cur, good = _int_run(r.word(len(_TOKEN)), quote + len(_TOKEN), _COMMA)
+        ok &= good
+
+        r = _Rows(rows, cur)  # at the "," before "layer"
+        layer, cur, first_id, good = self._layer(rows, r, cur)
+        ok &= good
+        digits = np.empty((k, n), np.uint64)  # XOR b"0": digit values, then the end byte
+        count = np.empty((k, n), np.uint64)
+        for j in range(k):  # find each id's end; read their values below, all at once
+            x = (first_id if j == 0 and first_id is not None else words[cur]) ^ _ZEROS
+            digits[j] = x
+            count[j] = c = _count_below(_flags_nondigit(x))
+            cur = cur + _int(c) + 1
+        cur = cur - 1  # at the "]"
+        ok &= np.logical_and.reduce(_int_checks(digits, count, self._id_ends), axis=0)
+        ids = _int(_digits_value(digits, count))
+
+        r = _Rows(rows, cur)
+        ok &= r.literal(_WEIGHTS)
+        cur = cur + len(_WEIGHTS)
+        weights = np.empty((k, n), np.float64)
+        for j in range(k):
+            if j == 0:
+                lo, hi = r.word(len(_WEIGHTS)), r.word(len(_WEIGHTS) + 8)
+            else:
+                lo, hi = words[cur], words[cur + 8]
+            weights[j], cur, good = _weight(words, lo, hi, cur, _COMMA if j < k - 1 else _CLOSE)
+            ok &= good
+            cur = cur + 1
+        cur = cur - 1  # at the "]"
+
+        r = _Rows(rows, cur)
+        phase = np.zeros(n, np.int8)
+        ended = np.zeros(n, bool)
+        for lit, code in _TAILS:
+            hit = r.literal(lit) & (cur + (len(lit) - 1) == ends)
+            if code:
+                phase[hit] = code
+            ended |= hit
+        ok &= ended
+        ok &= self._ids_ok(ids)
+        rid = _group_rids(parts, ok)
+        if rid is None:
+            return None
+        return Parsed(
+            ok=ok,
+            ids=ids,
+            weights=weights,
+            token_idx=token_idx,
+            layer=layer,
+            phase=phase,
+            rid_first=rid[0],
+            rid_inverse=rid[1],
+            rid_len=rid_len,
+        )
+
+    def _request_ids(
+        self, words: np.ndarray, head: _Rows, starts: np.ndarray, ok: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Each line's request id: its length, the position of its closing quote, and its
+        bytes as words with zeros past the end (``ok`` is cleared for bad ids)."""
+        rid_at = starts + RID_OFFSET
+        n = starts.size
+        length = np.zeros(n, np.int64)
+        open_ = np.ones(n, bool)
+        parts: list[np.ndarray] = []
+        for j in range(MAX_RID_WORDS):
+            off = RID_OFFSET + 8 * j
+            w = head.word(off) if off + 8 <= ROW else words[rid_at + 8 * j]
+            stop = (
+                (w & _HIGH)  # not ASCII
+                | (~((w & _LOW7) + _ADD20) & _HIGH)  # control character
+                | (((w & _LOW7) + _ONES) & _HIGH)  # DEL
+                | _flags_zero(w ^ _QUOTES)
+                | _flags_zero(w ^ _BACKSLASHES)
+            )
+            c = _count_below(stop)
+            ended = open_ & (c != _U(8))
+            keep = (_U(1) << (c << _U(3))) - _U(1)  # the low c bytes (c == 8: all)
+            parts.append(np.where(open_, w & keep, _U(0)))
+            ok &= ~ended | (_byte_at(w, c) == _QUOTE)
+            length += np.where(open_, _int(c), 0)
+            open_ &= ~ended
+            if not open_.any():
+                break
+        ok &= ~open_
+        ok &= length != 0
+        return length, rid_at + length, parts
+
+    def _layer(
+        self, rows: np.ndarray, r: _Rows, cur: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """``,"layer":N,"topk_ids":[`` at ``cur``: (layer, position of the first id, the
+        first id's word if the row holds it, ok)."""
+        n = cur.size
+        if self._layer_lits is not None:
+            layer = np.zeros(n, np.int64)
+            at = np.zeros(n, np.int64)
+            ok = np.zeros(n, bool)
+            sizes = set()
+            for lay, lit in self._layer_lits:
+                full = b"," + lit + _IDS
+                hit = r.literal(full)
+                layer[hit] = lay
+                at[hit] = len(full)
+                ok |= hit
+                sizes.add(len(full))
+            first = r.word(sizes.pop()) if len(sizes) == 1 else None
+            return layer, cur + at, first, ok
+        ok = r.literal(_LAYER)
+        layer, cur, good = _int_run(r.word(len(_LAYER)), cur + len(_LAYER), _COMMA)
+        ok &= good
+        slot = np.minimum(np.searchsorted(self.layers, layer), self.layers.size - 1)
+        ok &= self.layers[slot] == layer
+        ok &= _Rows(rows, cur).literal(_IDS)
+        return layer, cur + len(_IDS), None, ok
+
+    def _ids_ok(self, ids: np.ndarray) -> np.ndarray:
+        """(k, n) ids -> rows whose ids are distinct and below num_experts."""
+        k, n = ids.shape
+        ok = np.ones(n, bool)
+        if self.num_experts is not None:
+            ok &= ids.max(axis=0) < self.num_experts
+        if k <= 8:
+            for a in range(k):
+                for b in range(a + 1, k):
+                    ok &= ids[a] != ids[b]
+        else:
+            s = np.sort(ids, axis=0)
+            ok &= ~(s[1:] == s[:-1]).any(axis=0)
+        return ok
+
+
+def _int_run(
+    w: np.ndarray, pos: np.ndarray, end: np.uint64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A JSON non-negative integer of 1-7 digits, whose bytes at ``pos`` are ``w``, followed
+    by byte ``end``: (value as int64, position of the end byte, ok)."""
+    x = w ^ _ZEROS
+    n = _count_below(_flags_nondigit(x))
+    return _int(_digits_value(x, n)), pos + _int(n), _int_checks(x, n, end ^ _U(0x30))
+
+
+def _int_checks(x: np.ndarray, n: np.ndarray, end: np.ndarray | np.uint64) -> np.ndarray:
+    """Whether the words ``x`` (XOR b"0") hold a JSON non-negative integer of ``n`` digits
+    followed by ``end`` (XOR b"0")."""
+    ok = _byte_at(x, n) == end  # n == 8 reads 0, which is no end byte: at most 7 digits
+    ok &= n != _U(0)
+    # A leading zero: "0" then a digit. (Then bytes ":" to "?" also count, but they are
+    # never the end byte, so such a number is rejected anyway.)
+    ok &= (x & _U(0xF0FF)) != _U(0)
+    return ok
+
+
+def _weight(
+    words: np.ndarray, lo: np.ndarray, hi: np.ndarray, pos: np.ndarray, end: np.uint64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A JSON number at ``pos`` (whose 16 bytes are ``lo``, ``hi``) followed by byte ``end``:
+    (float64 value, position of the end byte, ok).
+
+    The common form is one digit, a dot and up to 14 more digits (``%.7g`` of values below 10,
+    or the mantissa of its exponent form). Dropping the dot leaves n <= 15 digits; read as 16
+    digits, zeros appended, they are V = M * 10**(16 - n) for the mantissa M, an even number
+    below 10**16 < 2**54 and so an exact double, and the number is V / 10**15 (one rounding).
+    That needs neither the digit count nor a shift per value. Other numbers (and exponents
+    beyond the exact range) go to :func:`_weight_general`."""
+    x, xh = lo ^ _ZEROS, hi ^ _ZEROS
+    common = (x & _U(0xFF00)) == _U(0x1E00)  # byte 1 is "."
+    m_lo = (x & _LOW_BYTE) | ((x >> _U(8)) & ~_LOW_BYTE) | (xh << _U(56))
+    m_hi = (xh >> _U(8)) | _TOP_BYTE
+    flags = _flags_nondigit(m_lo)
+    below = (((flags - _U(1)) & ~flags & _HIGH) >> _U(7)) * _LOW_BYTE  # 0xff per digit byte
+    n_lo = below & _ONES
+    n_lo = (n_lo * _ONES) >> _U(56)
+    full = _U(0) - (n_lo >> _U(3))  # all ones where the 8 bytes are all digits
+    flags_hi = _flags_nondigit(m_hi)
+    below_hi = (((flags_hi - _U(1)) & ~flags_hi & _HIGH) >> _U(7)) * _LOW_BYTE & full
+    n_hi = ((below_hi & _ONES) * _ONES) >> _U(56)
+    v = _lemire(m_lo & below) * _U(10**8) + _lemire(m_hi & below_hi)
+    digits = _int(n_lo + n_hi)
+    nxt = np.where(full != _U(0), _byte_at(m_hi, n_hi), _byte_at(m_lo, n_lo)) ^ _U(0x30)
+    ok = common & (n_lo >= _U(2))  # a digit before and after the dot
+    cur = pos + digits + 1
+    value = v.astype(np.float64)
+    has_exp = (nxt | _U(0x20)) == _U(ord("e"))
+    if has_exp.any():
+        rows = np.flatnonzero(has_exp)
+        exp10, at, nxt[rows], e_ok = _exponent(words, cur[rows])
+        cur[rows] = at
+        exp10 -= 15
+        e_ok &= (exp10 >= -_MAX_EXP10) & (exp10 <= _MAX_EXP10)
+        common[rows] &= e_ok  # the rest are read again by _weight_general
+        e = np.clip(exp10, -_MAX_EXP10, _MAX_EXP10)
+        value[rows] = np.where(
+            e < 0,
+            value[rows] / _POW10_FLOAT[-np.minimum(e, 0)],
+            value[rows] * _POW10_FLOAT[np.maximum(e, 0)],
+        )
+        value[np.flatnonzero(~has_exp)] /= _POW10_FLOAT[15]
+    else:
+        value /= _POW10_FLOAT[15]
+    ok &= nxt == end
+    if not common.all():
+        rows = np.flatnonzero(~common)
+        value[rows], cur[rows], ok[rows] = _weight_general(words, pos[rows], end)
+    return value, cur, ok
+
+
+def _lemire(y: np.ndarray) -> np.ndarray:
+    """The value of 8 digit bytes (values 0-9, first digit lowest)."""
+    y = y * _U(10) + (y >> _U(8))
+    return (((y & _PAIRS) * _MUL1) + (((y >> _U(16)) & _PAIRS) * _MUL2)) >> _U(32)
+
+
+def _exponent(
+    words: np.ndarray, at: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``[eE][+-]?[0-9]{1,3}`` at ``at`` (the e): (exponent, position after it, the byte there,
+    ok)."""
+    at = at + 1
+    w = words[at]
+    sign = w & _LOW_BYTE
+    signed = (sign == _PLUS) | (sign == _MINUS)
+    w = np.where(signed, w >> _U(8), w)
+    x = w ^ _ZEROS
+    n = _count_below(_flags_nondigit(x))
+    ok = (n != _U(0)) & (n <= _U(3))  # leading zeros are fine in exponents
+    e = _int(_digits_value(x, n))
+    return np.where(sign == _MINUS, -e, e), at + signed + _int(n), _byte_at(w, n), ok
+
+
+def _scale(
+    words: np.ndarray,
+    mantissa: np.ndarray,
+    exp10: np.ndarray,
+    cur: np.ndarray,
+    nxt: np.ndarray,
+    ok: np.ndarray,
+) -> np.ndarray:
+    """``mantissa * 10**exp10`` after reading an optional exponent part at ``cur`` (which,
+    with ``nxt``, the byte there, moves past it; ``ok`` is cleared where the number is bad or
+    outside the exact range)."""
+    has_exp = (nxt | _U(0x20)) == _U(ord("e"))
+    if has_exp.any():
+        rows = np.flatnonzero(has_exp)
+        e, cur[rows], nxt[rows], e_ok = _exponent(words, cur[rows])
+        exp10[rows] += e
+        ok[rows] &= e_ok
+    ok &= (exp10 >= -_MAX_EXP10) & (exp10 <= _MAX_EXP10)
+    m = mantissa.astype(np.float64)
+    e = np.clip(exp10, -_MAX_EXP10, _MAX_EXP10)
+    return np.where(e < 0, m / _POW10_FLOAT[-np.minimum(e, 0)], m * _POW10_FLOAT[np.maximum(e, 0)])
+
+
+def _weight_general(
+    words: np.ndarray, pos: np.ndarray, end: np.uint64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Any JSON number: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? at ``pos``."""
+    lo = words[pos]
+    neg = (lo & _LOW_BYTE) == _MINUS
+    w = np.where(neg, lo >> _U(8), lo)
+    x = w ^ _ZEROS
+    n_int = _count_below(_flags_nondigit(x))
+    ok = (n_int != _U(0)) & (n_int != _U(8))
+    ok &= ((w & _LOW_BYTE) != _U(0x30)) | (n_int == _U(1))
+    mantissa = _digits_value(x, n_int)
+    after_int = _byte_at(w, n_int)
+    cur = pos + neg + _int(n_int)  # the byte after the integer part
+
+    has_dot = after_int == _DOT
+    f_lo, f_hi = words[cur + 1], words[cur + 9]
+    xl, xh = f_lo ^ _ZEROS, f_hi ^ _ZEROS
+    n_lo = _count_below(_flags_nondigit(xl))
+    full = n_lo >> _U(3)  # 1 where all 8 bytes of f_lo are digits
+    n_hi = _count_below(_flags_nondigit(xh)) * full
+    n_frac = (n_lo + n_hi) * has_dot
+    frac = _digits_value(xl, n_lo) * _POW10_INT[_int(n_hi)] + _digits_value(xh, n_hi)
+    after_frac = np.where(full.astype(bool), _byte_at(f_hi, n_hi), _byte_at(f_lo, n_lo))
+    ok &= ~has_dot | (n_frac != _U(0))
+    ok &= n_int + n_frac <= _U(_MAX_MANTISSA_DIGITS)
+    mantissa = np.where(has_dot, mantissa * _POW10_INT[_int(n_frac & _U(15))] + frac, mantissa)
+    cur = cur + has_dot * (_int(n_frac) + 1)
+    nxt = np.where(has_dot, after_frac, after_int)
+    exp10 = -_int(n_frac)
+    has_exp = (nxt | _U(0x20)) == _U(ord("e"))
+    value = _scale(words, mantissa, exp10, cur, nxt, ok)
+    ok &= nxt == end
+    # "-0" is the integer 0 to a JSON parser, so it reads as +0.0: leave it to them.
+    ok &= ~(neg & ~has_dot & ~has_exp & (mantissa == _U(0)))
+    return np.where(neg, -value, value), cur, ok
+
+
+def _group_rids(parts: list[np.ndarray], ok: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Distinct request ids among ``ok`` rows, keyed by their masked words: the first row of
+    each in order of appearance, and each row's index into them (0 for bad rows). Ids longer
+    than a word are hashed, and every row is then checked against its id's first row."""
+    key = parts[0]
+    for p in parts[1:]:
+        key = key * _U(0x9E3779B97F4A7C15) + (p ^ (p >> _U(29)))
+    rows = None if ok.all() else np.flatnonzero(ok)
+    sub = key if rows is None else key[rows]
+    if sub.size == 0:
+        return np.zeros(0, np.int64), np.zeros(ok.size, np.int64)
+    _, first, inverse = np.unique(sub, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    inverse = rank[inverse]
+    first = first[order]
+    if rows is not None:
+        first = rows[first]
+        full = np.zeros(ok.size, np.int64)
+        full[rows] = inverse
+        inverse = full
+    if len(parts) > 1:
+        for p in parts:
+            if not ((p == p[first][inverse]) | ~ok).all():
+                return None
+    return first, inverse
