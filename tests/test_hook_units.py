@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +269,22 @@ def test_a_step_that_would_cross_the_ring_end_starts_at_row_zero() -> None:
     start = ring.reserve(4, lambda: None, timeout=1)
     assert start == 8 and start % ring.capacity == 0
     assert ring.backlog == 7  # 4 rows plus the 3 skipped at the end
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2,
+    reason="needs Linux thread affinity and at least 2 CPUs",
+)
+def test_the_writer_thread_leaves_the_cores_its_process_is_pinned_to(tmp_path: Path) -> None:
+    """vLLM's CPU worker pins itself to its compute cores; the writer must not format there."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})  # as vLLM's OpenMP binding does to the worker
+    try:
+        w = _writer(tmp_path / "log.jsonl")
+        deadline = time.monotonic() + 5
+        while os.sched_getaffinity(w._thread.native_id) == {0} and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert 0 not in os.sched_getaffinity(w._thread.native_id)
+        w.close()
+    finally:
+        os.sched_setaffinity(0, before)

@@ -28,7 +28,7 @@ from moeprof.hook.rows import RowMapper, StepBatch
 logger = logging.getLogger("moeprof.hook")
 
 IDLE_FLUSH_SEC = 0.05
-FORMAT_CHUNK = 1024
+FORMAT_CHUNK = 256
 FLUSH_ROWS = 1 << 16
 
 
@@ -73,6 +73,23 @@ def format_routes(
         # Spell non-finite weights as Python's json does, so readers name the problem.
         text = text.replace("-inf", "-Infinity").replace("inf", "Infinity").replace("nan", "NaN")
     return text
+
+
+def _leave_compute_cores() -> None:
+    """Move the calling thread onto CPUs its process is not bound to, if there are any.
+
+    vLLM's CPU backend pins each worker process to the cores of its OpenMP compute threads
+    (and keeps others free for the engine's own processes); a thread started in the worker
+    inherits that pin, so without this the writer would format on the very core the model
+    runs on. Where the process is not pinned (GPU workers) nothing changes.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    with contextlib.suppress(OSError):
+        pinned = os.sched_getaffinity(0)
+        others = set(range(os.cpu_count() or 0)) - pinned
+        if others:
+            os.sched_setaffinity(0, others)  # 0: on Linux, the calling thread only
 
 
 class StepItem(NamedTuple):
@@ -158,6 +175,7 @@ class LogWriter:
         engine no CPU time while it generates, and is done in fewer, larger calls. The GIL is
         handed back between chunks of ``FORMAT_CHUNK`` rows.
         """
+        _leave_compute_cores()
         seen = 0
         while True:
             self._wake.wait(IDLE_FLUSH_SEC)
