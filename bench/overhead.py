@@ -1,4 +1,4 @@
-"""What logging costs: baseline and logged generation side by side, in fresh engines, A B A B.
+"""What logging costs: baseline and logged generation side by side, in fresh engines, A B B A.
 
 Each arm runs in its own engine process (the product's ``moeprof.engine_run``); every engine
 does ``--warmup`` untimed passes, then ``--repeat`` timed ones; the ratio logged/baseline is
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp.name)
     records: list[dict[str, Any]] = []
     for i in range(args.pairs):
-        for arm in ("baseline", "logged"):
+        # A B, then B A: a machine that speeds up or slows down over the run favours neither arm
+        for arm in ("baseline", "logged") if i % 2 == 0 else ("logged", "baseline"):
             records.append(run_arm(arm, i, settings, args, work))
     if args.naive:
         records.append(run_arm("naive", 0, settings, args, work))
