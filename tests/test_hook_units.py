@@ -131,9 +131,9 @@ def _item(
     """What the collector does for a step: rows into the ring, then the item."""
     n = batch.num_tokens
     start = w.ring.reserve(n, w.wake, timeout=5)
-    ids, weights = w.ring.step_rows(start, n)
-    ids[:] = [1, 2]
-    weights[:] = 0.5
+    row = start % w.ring.capacity
+    w.ring.ids_np[row : row + n] = [1, 2]
+    w.ring.weights_np[row : row + n] = 0.5
     return StepItem(batch, start, None, prompt_lens or {}, finished)
 
 

@@ -494,19 +494,20 @@ class RouteLog:
                 other = self._fast(data, first, odd.size, odd + first)
             except _Reject:
                 return None
-        ids = np.empty((n, k), np.int64)
-        weights = np.empty((n, k), np.float32)
-        token_idx = np.empty(n, np.int64)
-        layer = np.empty(n, np.int64)
-        phase = np.empty(n, np.int8)
-        req = np.zeros(n, np.int64)
+        cols = {
+            "ids": np.empty((n, k), np.int64),
+            "weights": np.empty((n, k), np.float32),
+            "token_idx": np.empty(n, np.int64),
+            "layer": np.empty(n, np.int64),
+            "phase": np.empty(n, np.int8),
+            "req": np.zeros(n, np.int64),
+        }
         for s, p in parts:
             e = s + p.ok.size
-            ids[s:e] = p.ids.T
-            weights[s:e] = p.weights.T  # float64 -> float32, rounded as astype does
-            token_idx[s:e] = p.token_idx
-            layer[s:e] = p.layer
-            phase[s:e] = p.phase
+            cols["ids"][s:e] = p.ids.T
+            cols["weights"][s:e] = p.weights.T  # float64 -> float32, rounded as astype does
+            for name in ("token_idx", "layer", "phase"):
+                cols[name][s:e] = getattr(p, name)
             if p.rid_first.size:
                 at = (starts[s + p.rid_first] + fastparse.RID_OFFSET).tolist()
                 size = p.rid_len[p.rid_first].tolist()
@@ -514,24 +515,12 @@ class RouteLog:
                     self._codes[buf[i : i + m].decode("ascii")]
                     for i, m in zip(at, size, strict=True)
                 ]
-                req[s:e] = np.asarray(codes, np.int64)[p.rid_inverse]
+                cols["req"][s:e] = np.asarray(codes, np.int64)[p.rid_inverse]
         if other is not None:
-            ids[odd] = other.ids
-            weights[odd] = other.weights
-            token_idx[odd] = other.token_idx
-            layer[odd] = other.layer
-            phase[odd] = other.phase
-            req[odd] = other.req
-            req = self._first_seen(req, base)
-        return RouteChunk(
-            ids=ids,
-            weights=weights,
-            layer=layer,
-            token_idx=token_idx,
-            phase=phase,
-            req=req,
-            line=np.arange(first, first + n, dtype=np.int64),
-        )
+            for name, col in cols.items():
+                col[odd] = getattr(other, name)
+            cols["req"] = self._first_seen(cols["req"], base)
+        return RouteChunk(**cols, line=np.arange(first, first + n, dtype=np.int64))
 
     def _first_seen(self, req: np.ndarray, base: int) -> np.ndarray:
         """Renumber the request codes added since there were ``base`` (all of them used in

@@ -57,8 +57,6 @@ class RouteCapture:
     """
 
     def __init__(self, max_tokens: int, top_k: int, device: torch.device) -> None:
-        self.max_tokens = max_tokens
-        self.top_k = top_k
         self.rows = torch.zeros((max_tokens, 2 * top_k), dtype=torch.int32, device=device)
 
     def attach(self, router: Any) -> None:

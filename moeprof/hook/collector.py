@@ -84,6 +84,7 @@ class StepCollector:
             return None  # every TP rank routes the same tokens; rank 0 writes them
         par = vcfg.parallel_config
         device = torch.device(worker.model_runner.device)
+        top_k = int(router.top_k)
         graph_max = getattr(vcfg.compilation_config, "max_cudagraph_capture_size", None) or 0
         max_tokens = max(vcfg.scheduler_config.max_num_batched_tokens, graph_max)
         max_tokens *= max(par.data_parallel_size, 1)
@@ -98,7 +99,7 @@ class StepCollector:
             device=compat.device_name(device),
             seed=vcfg.model_config.seed,
             layers_logged=[config.layer],
-            top_k=int(router.top_k),
+            top_k=top_k,
             num_experts=int(num_experts) if num_experts else None,
             prefix_caching=bool(vcfg.cache_config.enable_prefix_caching),
             dtype=str(vcfg.model_config.dtype).removeprefix("torch."),
@@ -114,12 +115,12 @@ class StepCollector:
             path,
             meta,
             config.layer,
-            int(router.top_k),
+            top_k,
             compat.external_request_id,
             overwrite=config.overwrite,
-            ring=HostRing(ring_rows(max_tokens), int(router.top_k), pin=device.type == "cuda"),
+            ring=HostRing(ring_rows(max_tokens), top_k, pin=device.type == "cuda"),
         )
-        capture = RouteCapture(max_tokens, int(router.top_k), device)
+        capture = RouteCapture(max_tokens, top_k, device)
         capture.attach(router)
         logger.info("moeprof: logging MoE layer %d of %s to %s", config.layer, model_id, path)
         return cls(capture, writer, device)

@@ -65,11 +65,6 @@ class HostRing:
         self.head = end
         return start
 
-    def step_rows(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of a step's ids and weights (valid until released)."""
-        row = start % self.capacity
-        return self.ids_np[row : row + n], self.weights_np[row : row + n]
-
     def release(self, upto: int) -> None:
         """Hand every row before position ``upto`` back to the model's thread."""
         with self._freed:

@@ -78,17 +78,15 @@ class RowMapper:
                 raise _bad_layout(qsl, batch.num_tokens)
             for j, rid in enumerate(batch.req_ids):
                 first, count = computed[j], qsl[j + 1] - qsl[j]
-                if count < 0:
-                    raise _bad_layout(qsl, batch.num_tokens)
-                skip = upto_of.get(rid, 0) - first
-                if skip > 0:
-                    skipped += min(skip, count)
-                    if skip >= count:
-                        continue
-                else:
-                    skip = 0
-                if count == 0:
+                if count <= 0:
+                    if count < 0:
+                        raise _bad_layout(qsl, batch.num_tokens)
                     continue
+                skip = max(0, upto_of.get(rid, 0) - first)
+                if skip >= count:
+                    skipped += count
+                    continue
+                skipped += skip
                 seg_row.append(base + qsl[j] + skip)
                 seg_tok.append(first + skip)
                 seg_len.append(count - skip)

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -97,7 +97,7 @@ class StepItem(NamedTuple):
     ready: Any
     """A CUDA event recorded after the device-to-host copy, or None when already on the host."""
     new_prompt_lens: dict[str, int]
-    finished: frozenset[str] | set[str]
+    finished: Collection[str]
 
 
 class LogWriter:
