@@ -60,7 +60,7 @@ def _meta_line() -> str:
     return json.dumps(meta, separators=(",", ":")) + "\n"
 
 
-def _routes(rng: np.random.Generator, n: int, logp: np.ndarray) -> tuple[list, list]:
+def _routes(rng: np.random.Generator, n: int, logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """n skewed top-k routes: Gumbel-top-k over fixed expert log-probabilities, weights from a
     softmax over 60 logits, the way a router without renormalization produces them."""
     scores = logp + rng.gumbel(size=(n, NUM_EXPERTS))
@@ -72,15 +72,17 @@ def _routes(rng: np.random.Generator, n: int, logp: np.ndarray) -> tuple[list, l
     weights = np.take_along_axis(probs, ids, axis=1)
     order = np.argsort(-weights, axis=1)  # vLLM's top-k returns the largest weight first
     ids = np.take_along_axis(ids, order, axis=1)
-    weights = np.take_along_axis(weights, order, axis=1).astype(np.float32).astype(np.float64)
-    return ids.tolist(), weights.tolist()
+    weights = np.take_along_axis(weights, order, axis=1).astype(np.float32)
+    return ids, weights
 
 
 def generate(path: Path, routes: int, seed: int = 1234) -> None:
-    """Write a log of ``routes`` route records exactly as the hook formats them (key order,
-    compact separators, weights as ``%.7g``, phase always present):
-    requests in waves of BATCH, each wave's prompts prefilled one after another, then decode
-    steps with one token per live request."""
+    """Write a log of ``routes`` route records exactly as the hook formats them (its own
+    template and formatter, :mod:`moeprof.layout`): requests in waves of BATCH, each wave's
+    prompts prefilled one after another, then decode steps with one token per live request."""
+    from moeprof.layout import format_routes, route_template
+
+    template = route_template(LAYER, TOP_K)
     rng = np.random.default_rng(seed)
     logp = np.log(rng.dirichlet(np.full(NUM_EXPERTS, 0.7)))
     tmp = path.with_suffix(".part")
@@ -89,32 +91,28 @@ def generate(path: Path, routes: int, seed: int = 1234) -> None:
     with tmp.open("w") as f:
         f.write(_meta_line())
         while written < routes:
-            wave = []  # (req_id, phase, token_idx)
+            wave: list[tuple[int, bool, int]] = []  # (request in the wave, prefill, token_idx)
             plens = rng.integers(60, 220, BATCH)
             glens = rng.integers(40, 129, BATCH)
             for r in range(BATCH):
-                wave.extend((str(req + r), "prefill", t) for t in range(int(plens[r])))
+                wave.extend((r, True, t) for t in range(int(plens[r])))
             for step in range(int(glens.max()) - 1):
                 for r in range(BATCH):
                     if step < glens[r] - 1:
-                        wave.append((str(req + r), "decode", int(plens[r]) + step))
+                        wave.append((r, False, int(plens[r]) + step))
+            req_json = np.array([json.dumps(str(req + r)) for r in range(BATCH)], dtype=object)
             req += BATCH
             wave = wave[: routes - written]
             ids, weights = _routes(rng, len(wave), logp)
-            lines = [
-                f'{{"type":"route","req_id":"{rid}","token_idx":{t},"layer":{LAYER},'
-                f'"topk_ids":[{i[0]},{i[1]},{i[2]},{i[3]}],'
-                f'"topk_weights":[{w[0]:.7g},{w[1]:.7g},{w[2]:.7g},{w[3]:.7g}],"phase":"{ph}"}}\n'
-                for (rid, ph, t), i, w in zip(wave, ids, weights, strict=True)
-            ]
-            f.writelines(lines)
+            request, prefill, token_idx = (np.array(col) for col in zip(*wave, strict=True))
+            f.write(format_routes(template, req_json[request], token_idx, ids, weights, prefill))
             written += len(wave)
     tmp.replace(path)
 
 
 def _worker(task: str, path: Path) -> None:
     """Run one command on one log and print its timing and peak memory as JSON."""
-    from moeprof.analysis.report import analyze_logs
+    from moeprof.analysis.analyze import analyze_logs
     from moeprof.analysis.validate import validate_log
 
     baseline = _rss_mib()

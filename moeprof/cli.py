@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,6 +27,35 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# Options that several commands take, declared once: the flag, its type and bounds are the same
+# everywhere, and each command says in ``help`` what the option means there. Each returns an
+# ``Annotated`` type, so it is named like one: ``force: Force("Overwrite the PNG.") = False``.
+
+
+def Force(help: str) -> Any:
+    return Annotated[bool, typer.Option(help=help)]
+
+
+def NumExperts(help: str) -> Any:
+    return Annotated[int | None, typer.Option(min=1, help=help)]
+
+
+def ExcludeSuspect(help: str) -> Any:
+    return Annotated[bool, typer.Option(help=help)]
+
+
+def AsJson(help: str) -> Any:
+    return Annotated[bool, typer.Option("--json", help=help)]
+
+
+class PlotKind(str, Enum):
+    """``plot --kind``: one of :data:`moeprof.analysis.plots.KINDS`."""
+
+    hist = "hist"
+    coselect = "coselect"
+    heatmap = "heatmap"
+
+
 @app.command()
 def prompts(
     n: Annotated[
@@ -42,7 +71,7 @@ def prompts(
     jsonl: Annotated[
         Path | None, typer.Option(help="Also write the prompts as JSONL ({'idx','prompt'}).")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+    force: Force("Overwrite existing files.") = False,
 ) -> None:
     """Write the first N questions of the GSM8K test split as a prompts file."""
     from moeprof import prompts as lib
@@ -72,7 +101,8 @@ def generate(
         int, typer.Option(min=0, help="Decoder layer whose MoE routing to log.")
     ] = 0,
     log: Annotated[
-        Path | None, typer.Option(help="Routing log to write [default: OUT_DIR/moe_routes.jsonl].")
+        Path | None,
+        typer.Option(help="Routing log to write.", show_default="OUT_DIR/moe_routes.jsonl"),
     ] = None,
     out_dir: Annotated[Path, typer.Option(help="Folder for timing.json and outputs.jsonl.")] = Path(
         "."
@@ -95,7 +125,7 @@ def generate(
     chat: Annotated[
         bool | None,
         typer.Option(
-            "--chat/--no-chat", help="Apply the chat template [default: when it has one]."
+            "--chat/--no-chat", help="Apply the chat template.", show_default="when it has one"
         ),
     ] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Always generate --max-new-tokens.")] = False,
@@ -103,22 +133,23 @@ def generate(
         str, typer.Option(help="vLLM load format ('dummy': random weights).")
     ] = "auto",
     dtype: str = "auto",
-    force: Annotated[bool, typer.Option(help="Overwrite the files of a previous run.")] = False,
+    force: Force("Overwrite the files of a previous run.") = False,
 ) -> None:
     """Run vLLM without and with the routing hook; write the log, timing.json and outputs.jsonl."""
     from moeprof import generate as lib
-    from moeprof.prompts import read_prompts
-    from moeprof.ui import RunProgress, print_generate_summary
+    from moeprof.render.generate import RunProgress, print_generate_summary
 
     try:
-        texts = read_prompts(prompts_file)[:num_prompts]
-        paths = lib.output_paths(out_dir, log)
-        lib.refuse_overwrite(paths, force)
-        model_path, label = lib.resolve_model(model)
-        settings = lib.Settings(
-            model=model_path,
-            model_label=label,
-            prompts=texts,
+        job = lib.prepare(
+            prompts_file,
+            out_dir=out_dir,
+            log=log,
+            layer=log_layer,
+            model=model,
+            num_prompts=num_prompts,
+            baseline=baseline,
+            baseline_only=baseline_only,
+            force=force,
             max_tokens=max_new_tokens,
             temperature=temperature,
             seed=seed,
@@ -130,36 +161,16 @@ def generate(
             ignore_eos=ignore_eos,
             chat=chat,
         )
-        out_dir.mkdir(parents=True, exist_ok=True)
         console.print(
-            f"model [bold]{label}[/], {len(texts)} prompts x {max_new_tokens} new tokens, "
-            f"layer {log_layer}, prefix caching off (every prompt token is routed and logged)"
+            f"model [bold]{job.settings.model_label}[/], {len(job.settings.prompts)} prompts x "
+            f"{max_new_tokens} new tokens, layer {log_layer}, prefix caching off "
+            "(every prompt token is routed and logged)"
         )
-        arms: list[tuple[str, Path | None]] = []
-        if baseline or baseline_only:
-            arms.append(("baseline", None))
-        if not baseline_only:
-            arms.append(("logged", paths["log"]))
-        runs: dict[str, dict] = {}
-        with RunProgress(console, total_prompts=len(texts) * repeat) as progress:
-            for name, log_path in arms:
-                runs[name] = lib.run_engine(
-                    name,
-                    settings,
-                    log=log_path,
-                    layer=log_layer,
-                    vllm_log=out_dir / f"vllm-{name}.log",
-                    on_event=progress.on_event,
-                    overwrite_log=force,
-                )
-        logged = runs.get("logged")
-        routes = lib.count_routes(paths["log"]) if logged else None
-        report = lib.timing_report(settings, runs.get("baseline"), logged, paths["log"], routes)
-        paths["timing"].write_text(json.dumps(report, indent=2) + "\n")
-        lib.write_outputs(paths["outputs"], logged or runs["baseline"])
+        with RunProgress(console, total_prompts=job.total_prompts) as progress:
+            report = lib.run_job(job, on_event=progress.on_event)
     except UserError as e:
         fail(str(e))
-    print_generate_summary(console, report, paths)
+    print_generate_summary(console, report, job.paths)
 
 
 def _escape(message: str) -> str:
@@ -186,7 +197,7 @@ def validate(
             "prompt + generated - 1 routes per logged layer."
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: AsJson("Print the report as JSON.") = False,
     max_errors: Annotated[
         int, typer.Option(min=1, help="How many errors to list (all are counted).")
     ] = 20,
@@ -196,6 +207,7 @@ def validate(
     Exit 0 when valid, 1 when invalid, 2 when the input cannot be read.
     """
     from moeprof.analysis import validate as lib
+    from moeprof.render.validate import print_validation
 
     try:
         report = lib.validate_log(log, outputs=outputs, max_errors=max_errors)
@@ -204,7 +216,7 @@ def validate(
     if as_json:
         typer.echo(lib.report_json(report))
     else:
-        lib.print_validation(report, console)
+        print_validation(report, console)
     raise typer.Exit(0 if report.valid else 1)
 
 
@@ -216,47 +228,44 @@ def analyze(
             help="One or more logs; several are compared layer by layer (JSD).", show_default=False
         ),
     ],
-    num_experts: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Experts in the layer when the meta does not say (default: max id + 1)."
-        ),
-    ] = None,
+    num_experts: NumExperts(
+        "Experts in the layer when the meta does not say (default: max id + 1)."
+    ) = None,
     top: Annotated[int, typer.Option(min=1, help="How many top experts to list.")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the analysis as JSON.")] = False,
+    as_json: AsJson("Print the analysis as JSON.") = False,
     markdown: Annotated[
         Path | None, typer.Option(help="Write the short markdown note to this file.")
     ] = None,
-    exclude_suspect: Annotated[
-        bool,
-        typer.Option(
-            help="Leave out records that look like warm-up/dummy batches or double "
-            "logging (repeated keys, long runs of identical routes)."
-        ),
-    ] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite the markdown file.")] = False,
+    exclude_suspect: ExcludeSuspect(
+        "Leave out records that look like warm-up/dummy batches or double "
+        "logging (repeated keys, long runs of identical routes)."
+    ) = False,
+    force: Force("Overwrite the markdown file.") = False,
 ) -> None:
     """Expert load per layer and phase: top experts, entropy, imbalance, co-selection.
 
     Also the normalized distribution, router-weight statistics and signs of contamination.
     """
-    from moeprof.analysis import report as lib
+    from moeprof.analysis import analyze as lib
+    from moeprof.outfiles import refuse_existing, write_new
+    from moeprof.render.analyze import print_report
+    from moeprof.render.note import markdown_note
 
     try:
-        if markdown is not None and markdown.exists() and not force:
-            raise UserError(f"{markdown}: already exists (use --force to overwrite)")
+        if markdown is not None:
+            refuse_existing(markdown, force)  # before the (possibly long) analysis
         result = lib.analyze_logs(
             logs, num_experts=num_experts, top=top, exclude_suspect=exclude_suspect
         )
         if markdown is not None:
-            lib.write_new(markdown, lib.markdown_note(result), force=force)
+            write_new(markdown, markdown_note(result), force=force)
     except UserError as e:
         fail(_escape(str(e)), 2)
     _print_warnings([w for log in result.logs for w in log.warnings])
     if as_json:
         typer.echo(result.to_json())
     else:
-        lib.print_report(result, console)
+        print_report(result, console)
     if markdown is not None:
         err_console.print(f"wrote {markdown}", highlight=False)
 
@@ -274,31 +283,25 @@ def plot(
         "expert_hist.png"
     ),
     kind: Annotated[
-        str,
+        PlotKind,
         typer.Option(
             help="hist (selections per expert), coselect (expert x expert) or "
             "heatmap (layer x expert)."
         ),
-    ] = "hist",
+    ] = PlotKind.hist,
     sort: Annotated[bool, typer.Option(help="Order experts by load.")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing PNG.")] = False,
-    num_experts: Annotated[
-        int | None, typer.Option(min=1, help="Experts in the layer when the meta does not say.")
-    ] = None,
-    exclude_suspect: Annotated[
-        bool, typer.Option(help="Leave out records that look like dummy batches.")
-    ] = False,
+    force: Force("Overwrite an existing PNG.") = False,
+    num_experts: NumExperts("Experts in the layer when the meta does not say.") = None,
+    exclude_suspect: ExcludeSuspect("Leave out records that look like dummy batches.") = False,
 ) -> None:
     """Plot expert load from one or more logs."""
     from moeprof.analysis import plots as lib
-    from moeprof.analysis.report import analyze_logs
+    from moeprof.analysis.analyze import analyze_logs
 
     try:
-        if kind not in lib.KINDS:
-            raise UserError(f"--kind {kind!r}: choose one of {', '.join(lib.KINDS)}")
         lib.check_writable(out, force)
         result = analyze_logs(logs, num_experts=num_experts, exclude_suspect=exclude_suspect)
-        written = lib.plot(result, out, kind=kind, sort=sort, force=force)
+        written = lib.plot(result, out, kind=kind.value, sort=sort, force=force)
     except UserError as e:
         fail(_escape(str(e)), 2)
     _print_warnings([w for log in result.logs for w in log.warnings])

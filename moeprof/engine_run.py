@@ -48,7 +48,29 @@ def _progress_bar(events: _Events) -> Any:
 
 
 def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    """Start the engine, run the warm-up and the timed passes, shut it down; the result."""
+    import torch
+    import vllm
+
+    llm, engine_start = _start_engine(spec, events)
+    prompts = _prompts(llm, spec)
+    params = _sampling_params(spec)
+    warmup_outputs = _warm_up(llm, prompts, params, spec.get("warmup", 0), events)
+    passes, outputs = _timed_passes(llm, prompts, params, spec["repeat"], events)
+    _shutdown(llm, events)
+    return {
+        "engine_start_sec": engine_start,
+        "passes": passes,
+        "outputs": outputs,
+        "warmup_outputs": warmup_outputs,
+        "vllm_version": vllm.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _start_engine(spec: dict[str, Any], events: _Events) -> tuple[Any, float]:
+    """``vllm.LLM`` with the spec's engine settings (prefix caching always off); its start time."""
+    from vllm import LLM
 
     t0 = time.perf_counter()
     events.emit("engine_starting")
@@ -69,27 +91,45 @@ def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
             else {}
         ),
     )
-    engine_start = time.perf_counter() - t0
-    events.emit("engine_ready", seconds=engine_start)
+    seconds = time.perf_counter() - t0
+    events.emit("engine_ready", seconds=seconds)
+    return llm, seconds
 
-    params = SamplingParams(
+
+def _sampling_params(spec: dict[str, Any]) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
         max_tokens=spec["max_tokens"],
         temperature=spec["temperature"],
         seed=spec["seed"],
         ignore_eos=spec["ignore_eos"],
         detokenize=not spec.get("skip_tokenizer_init", False),
     )
-    prompts = _prompts(llm, spec)
+
+
+def _warm_up(
+    llm: Any, prompts: list[Any], params: Any, passes: int, events: _Events
+) -> list[dict[str, Any]]:
+    """Untimed passes (benchmarks); their outputs, as ``repeat`` -1."""
+    outputs: list[dict[str, Any]] = []
+    for _ in range(passes):
+        warm = llm.generate(prompts, params, use_tqdm=False)
+        outputs.extend(_output_records(warm, rep=-1))
+        events.emit("warmup_done")
+    return outputs
+
+
+def _timed_passes(
+    llm: Any, prompts: list[Any], params: Any, repeat: int, events: _Events
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``repeat`` timed passes over the prompts: per pass its wall time and token counts, and
+    every pass's outputs."""
     bar = _progress_bar(events)
     passes: list[dict[str, Any]] = []
     outputs: list[dict[str, Any]] = []
-    warmup_outputs: list[dict[str, Any]] = []
-    for _ in range(spec.get("warmup", 0)):
-        warm = llm.generate(prompts, params, use_tqdm=False)
-        warmup_outputs.extend(_output_records(warm, rep=-1))
-        events.emit("warmup_done")
-    for rep in range(spec["repeat"]):
-        events.emit("pass_starting", index=rep, total=spec["repeat"])
+    for rep in range(repeat):
+        events.emit("pass_starting", index=rep, total=repeat)
         t0 = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=bar)
         wall = time.perf_counter() - t0
@@ -100,20 +140,14 @@ def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
         )
         outputs.extend(_output_records(results, rep))
         events.emit("pass_done", index=rep, seconds=wall, tokens=gen_toks)
+    return passes, outputs
+
+
+def _shutdown(llm: Any, events: _Events) -> None:
+    """Stop the engine, so the hook's writer drains and the log is complete."""
     t0 = time.perf_counter()
     llm.llm_engine.engine_core.shutdown()
     events.emit("engine_stopped", seconds=time.perf_counter() - t0)
-    import torch
-    import vllm
-
-    return {
-        "engine_start_sec": engine_start,
-        "passes": passes,
-        "outputs": outputs,
-        "warmup_outputs": warmup_outputs,
-        "vllm_version": vllm.__version__,
-        "torch_version": torch.__version__,
-    }
 
 
 def _output_records(results: list[Any], rep: int) -> list[dict[str, Any]]:

@@ -2,7 +2,11 @@
 
 The parent never imports vLLM: it writes a spec, starts ``moeprof.engine_run`` with the hook's
 environment set (or unset), relays its progress events, and turns the results into
-``timing.json`` and ``outputs.jsonl``.
+``timing.json`` and ``outputs.jsonl``. Nothing here prints: progress goes to the ``on_event``
+handler the caller passes in.
+
+``moeprof generate`` is :func:`prepare` (every check that can run before an engine starts) and
+then :func:`run_job`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeprof.errors import UserError
+from moeprof.errors import REFUSAL_PREFIX, UserError
+from moeprof.outfiles import refuse_existing, replacing, write_new
+from moeprof.prompts import read_prompts
 
 REFERENCE_MODEL = "Qwen/Qwen1.5-MoE-A2.7B-Chat"
 CPU_PARAM_LIMIT = 3e9
@@ -126,12 +132,97 @@ def output_paths(out_dir: Path, log: Path | None) -> dict[str, Path]:
 
 
 def refuse_overwrite(paths: dict[str, Path], force: bool) -> None:
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not force:
-        raise UserError(
-            f"{', '.join(existing)} already exist(s) from a previous run; "
-            "use --force to overwrite, or --out-dir for a new folder"
+    """Refuse before any engine starts if a file of a previous run is in the way."""
+    for path in paths.values():
+        refuse_existing(path, force)
+
+
+Arm = tuple[str, Path | None]
+"""One engine run: its name (``baseline``/``logged``) and the log it writes (None: no hook)."""
+
+
+def arms(log: Path, *, baseline: bool = True, baseline_only: bool = False) -> tuple[Arm, ...]:
+    """The runs to make, in order: without the hook first, to compare against."""
+    runs: list[Arm] = []
+    if baseline or baseline_only:
+        runs.append(("baseline", None))
+    if not baseline_only:
+        runs.append(("logged", log))
+    return tuple(runs)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One ``moeprof generate``: the settings, the runs, and where their files go."""
+
+    settings: Settings
+    layer: int
+    out_dir: Path
+    paths: dict[str, Path]
+    """``log``, ``timing`` and ``outputs``."""
+    arms: tuple[Arm, ...]
+    force: bool
+
+    @property
+    def total_prompts(self) -> int:
+        """Prompts each run generates for, over all its passes."""
+        return len(self.settings.prompts) * self.settings.repeat
+
+
+def prepare(
+    prompts_file: Path,
+    *,
+    out_dir: Path,
+    log: Path | None,
+    layer: int,
+    model: str | None,
+    num_prompts: int | None = None,
+    baseline: bool = True,
+    baseline_only: bool = False,
+    force: bool = False,
+    **settings: Any,
+) -> Job:
+    """Everything that can fail before an engine starts, in the order a user fixes it: the
+    prompts, files of a previous run, the model. Creates ``out_dir``.
+
+    ``settings`` are :class:`Settings` fields other than the model and the prompts.
+    """
+    prompts = read_prompts(prompts_file)[:num_prompts]
+    paths = output_paths(out_dir, log)
+    refuse_overwrite(paths, force)
+    model_path, label = resolve_model(model)
+    job = Job(
+        settings=Settings(model=model_path, model_label=label, prompts=prompts, **settings),
+        layer=layer,
+        out_dir=out_dir,
+        paths=paths,
+        arms=arms(paths["log"], baseline=baseline, baseline_only=baseline_only),
+        force=force,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return job
+
+
+def run_job(job: Job, on_event: EventHandler) -> dict[str, Any]:
+    """Run the job's engines one after the other, then write ``timing.json`` and
+    ``outputs.jsonl``; returns the timing report."""
+    runs: dict[str, dict[str, Any]] = {}
+    for name, log in job.arms:
+        runs[name] = run_engine(
+            name,
+            job.settings,
+            log=log,
+            layer=job.layer,
+            vllm_log=job.out_dir / f"vllm-{name}.log",
+            on_event=on_event,
+            overwrite_log=job.force,
         )
+    logged = runs.get("logged")
+    routes = count_routes(job.paths["log"]) if logged else None
+    report = timing_report(job.settings, runs.get("baseline"), logged, job.paths["log"], routes)
+    write_new(job.paths["timing"], json.dumps(report, indent=2) + "\n", force=job.force)
+    write_outputs(job.paths["outputs"], logged or runs["baseline"], force=job.force)
+    return report
 
 
 def run_engine(
@@ -145,15 +236,7 @@ def run_engine(
     overwrite_log: bool = False,
 ) -> dict[str, Any]:
     """One engine in a fresh process; with ``log`` set, the hook logs layer ``layer`` there."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_LOG_MOE", "VLLM_MOE_"))}
-    env.pop("_MOEPROF_CHECKED_PATH", None)
-    env.update(settings.extra_env)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if log is not None:
-        env["VLLM_LOG_MOE"] = str(log.absolute())
-        env["VLLM_MOE_LAYER"] = str(layer)
-        if overwrite_log:
-            env["VLLM_LOG_MOE_OVERWRITE"] = "1"
+    env = _engine_env(settings, log, layer, overwrite_log)
     spec = asdict(settings)
     spec.pop("extra_env")
     with tempfile.TemporaryDirectory(prefix="moeprof-run-") as tmp:
@@ -187,6 +270,22 @@ def run_engine(
         return json.loads(result_path.read_text())
 
 
+def _engine_env(
+    settings: Settings, log: Path | None, layer: int, overwrite_log: bool
+) -> dict[str, str]:
+    """This process's environment without any hook settings it has, then the run's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_LOG_MOE", "VLLM_MOE_"))}
+    env.pop("_MOEPROF_CHECKED_PATH", None)
+    env.update(settings.extra_env)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if log is not None:
+        env["VLLM_LOG_MOE"] = str(log.absolute())
+        env["VLLM_MOE_LAYER"] = str(layer)
+        if overwrite_log:
+            env["VLLM_LOG_MOE_OVERWRITE"] = "1"
+    return env
+
+
 def _relay(fd: int, name: str, on_event: EventHandler) -> None:
     with os.fdopen(fd) as fh:
         for line in fh:
@@ -196,19 +295,20 @@ def _relay(fd: int, name: str, on_event: EventHandler) -> None:
                 continue
 
 
-_REASON = re.compile(r"(moeprof: .*|\w+(?:Error|Exception): .*)$")
+_REASON = re.compile(rf"({re.escape(REFUSAL_PREFIX)}.*|\w+(?:Error|Exception): .*)$")
 
 
 def failure_reason(vllm_log: Path) -> str:
-    """The most telling line of a failed engine's output: ours first, else the last exception."""
+    """The most telling line of a failed engine's output: ours first (the hook's refusals carry
+    :data:`~moeprof.errors.REFUSAL_PREFIX`), else the last exception."""
     try:
         lines = vllm_log.read_text(errors="replace").splitlines()
     except OSError:
         return "the engine process died"
-    ours = [m.group(1) for line in lines if (m := _REASON.search(line)) and "moeprof:" in line]
-    if ours:
-        return ours[-1].split("moeprof: ", 1)[-1]
     found = [m.group(1) for line in lines if (m := _REASON.search(line))]
+    ours = [f for f in found if REFUSAL_PREFIX in f]
+    if ours:
+        return ours[-1].split(REFUSAL_PREFIX, 1)[-1]
     generic = [f for f in found if not f.startswith("RuntimeError: Engine core initialization")]
     if generic:
         return generic[-1]
@@ -267,10 +367,12 @@ def timing_report(
     return report
 
 
-def write_outputs(path: Path, result: dict[str, Any]) -> None:
+def write_outputs(path: Path, result: dict[str, Any], *, force: bool = True) -> None:
+    """One :class:`~moeprof.schema.OutputRecord` line per request; replaces ``path`` unless
+    ``force`` is False."""
     from moeprof.schema import OutputRecord
 
-    with open(path, "w", encoding="utf-8") as fh:
+    with replacing(path, force=force) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for out in result["outputs"]:
             record = OutputRecord(**out)
             fh.write(record.model_dump_json(exclude_none=True) + "\n")

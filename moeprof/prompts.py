@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moeprof.errors import UserError
+from moeprof.outfiles import refuse_existing, write_new
 
 SEPARATOR = "\n\n---\n\n"
 HUB_DATASET = ("openai/gsm8k", "main")
@@ -65,22 +66,24 @@ def _hub_questions(n: int) -> list[str]:
 def write_prompts(
     questions: Sequence[str], out: Path, jsonl: Path | None = None, *, force: bool = False
 ) -> list[Path]:
-    """Write the text file (and optionally JSONL); refuse to overwrite unless ``force``."""
+    """Write the text file (and optionally JSONL); refuse to overwrite unless ``force``.
+
+    Both targets are checked before either is written."""
     targets = [out] + ([jsonl] if jsonl else [])
     for path in targets:
-        if path.exists() and not force:
-            raise UserError(f"{path}: already exists (use --force to overwrite)")
+        refuse_existing(path, force)
     for path in targets:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".jsonl":
-            lines = (
-                json.dumps({"idx": i, "prompt": q}, ensure_ascii=False)
-                for i, q in enumerate(questions)
-            )
-            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        else:
-            path.write_text(SEPARATOR.join(q.strip() for q in questions) + "\n", encoding="utf-8")
+        write_new(path, _prompts_text(questions, jsonl=path.suffix == ".jsonl"), force=force)
     return targets
+
+
+def _prompts_text(questions: Sequence[str], *, jsonl: bool) -> str:
+    if jsonl:
+        lines = (
+            json.dumps({"idx": i, "prompt": q}, ensure_ascii=False) for i, q in enumerate(questions)
+        )
+        return "\n".join(lines) + "\n"
+    return SEPARATOR.join(q.strip() for q in questions) + "\n"
 
 
 def read_prompts(path: Path) -> list[str]:

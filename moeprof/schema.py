@@ -7,19 +7,36 @@ by other tools parse; extra fields are kept (``extra="allow"``).
 
 Types are strict (a ``"3"`` is not a token index) because a log whose writer got the types
 wrong is a log whose numbers cannot be trusted either.
+
+Besides the records, this module holds the rules every reader of routes shares: the phase names
+and their codes, what a reader's columns can hold (:data:`INT64_MAX`, :data:`FLOAT32_MAX`), and
+the expert-id rules in vectorised form (:func:`ids_valid`). How the hook spells a route line,
+byte for byte, is in :mod:`moeprof.layout`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, get_args
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 """Bumped when a field changes meaning; readers accept logs without it (other tools)."""
 
 Phase = Literal["prefill", "decode"]
+PHASES: tuple[Phase, ...] = get_args(Phase)
+"""The phases a route can be in. A phase's code (in readers' columns) is its index here."""
+NO_PHASE = -1
+"""The phase code of a route without a phase."""
+
+INT64_MAX = (1 << 63) - 1
+"""The largest integer a reader holds: token_idx, layer and expert ids are int64 columns."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The largest weight magnitude a reader holds: weights are float32 columns."""
+
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
@@ -53,7 +70,10 @@ class MetaRecord(_Record):
 
 
 class RouteRecord(_Record):
-    """One real token's routing decision at one layer."""
+    """One real token's routing decision at one layer.
+
+    The fields are declared in the order the hook writes them (:mod:`moeprof.layout`).
+    """
 
     type: Literal["route"]
     req_id: Annotated[str, Field(min_length=1)]
@@ -95,6 +115,45 @@ def route_problem(
     for w in weights:
         if not math.isfinite(w):
             return f"topk_weights has a non-finite value: {w}"
+    return None
+
+
+def ids_valid(ids: np.ndarray, num_experts: int | None) -> np.ndarray:
+    """Rows of ``ids`` (n, k) whose expert ids pass :func:`route_problem`'s id rules: at least
+    one, none negative, none repeated, all below ``num_experts`` (when known). A bool mask."""
+    n, k = ids.shape
+    if k == 0:
+        return np.zeros(n, bool)
+    ok = ids.min(axis=1) >= 0
+    if num_experts is not None:
+        ok &= ids.max(axis=1) < num_experts
+    if k <= 8:  # k(k-1)/2 column comparisons beat a sort for the usual top-k
+        for a in range(k):
+            for b in range(a + 1, k):
+                ok &= ids[:, a] != ids[:, b]
+    else:
+        s = np.sort(ids, axis=1)
+        ok &= ~(s[:, 1:] == s[:, :-1]).any(axis=1)
+    return ok
+
+
+def weights_valid(weights: np.ndarray) -> np.ndarray:
+    """Elementwise: finite (the schema's rule) and within :data:`FLOAT32_MAX` (a reader's)."""
+    return np.isfinite(weights) & (np.abs(weights) <= FLOAT32_MAX)
+
+
+def range_problem(
+    token_idx: int, layer: int, ids: Sequence[int], weights: Sequence[float]
+) -> str | None:
+    """What a valid record holds that a reader's columns cannot (int64, float32), or None.
+
+    Not part of :class:`RouteRecord`'s validation: readers report it after the schema's own
+    rules, and a record beyond these ranges is still well-formed JSON of the right types.
+    """
+    if max(token_idx, layer, *ids) > INT64_MAX:
+        return "an integer field exceeds 64 bits"
+    if any(abs(w) > FLOAT32_MAX for w in weights):
+        return "topk_weights has a value beyond float32 range"
     return None
 
 

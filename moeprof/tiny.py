@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_NAME = "tiny"
 TINY_VERSION = 1
 SEED = 1234
 

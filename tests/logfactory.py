@@ -1,5 +1,6 @@
-"""Builders for small moeprof logs in tests: the hook's key order and compact separators unless
-a test wants otherwise."""
+"""Builders for small moeprof logs in tests: the hook's key order (``moeprof.layout.FIELDS``)
+and compact separators unless a test wants otherwise. Lines in the hook's exact byte layout are
+built with ``moeprof.layout.route_template`` and ``format_routes``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ import numpy as np
 from typer.testing import CliRunner
 
 from moeprof.cli import app
+from moeprof.layout import FIELDS
+from moeprof.schema import PHASES
+
+PREFILL, DECODE = PHASES
 
 META: dict[str, Any] = {
     "type": "meta",
@@ -47,16 +52,16 @@ def route(
     phase: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    rec: dict[str, Any] = {
+    values: dict[str, Any] = {
         "type": "route",
         "req_id": req_id,
         "token_idx": token_idx,
         "layer": layer,
         "topk_ids": list(ids),
         "topk_weights": list(weights),
+        "phase": phase,
     }
-    if phase is not None:
-        rec["phase"] = phase
+    rec = {f: values[f] for f in FIELDS if f != "phase" or phase is not None}
     rec.update(extra)
     return rec
 
@@ -104,15 +109,15 @@ def skewed_routes(
     seed: int = 0,
     layers: Sequence[int] = (12,),
 ) -> list[dict[str, Any]]:
-    """A realistic-shaped log body: each request's prompt prefilled (phase "prefill"), then
-    decode steps with one token per request ("decode"); experts drawn from a skewed fixed
+    """A realistic-shaped log body: each request's prompt prefilled (phase PREFILL), then
+    decode steps with one token per request (DECODE); experts drawn from a skewed fixed
     distribution, prefill and decode slightly different."""
     rng = np.random.default_rng(seed)
     base = np.log(rng.dirichlet(np.full(experts, 0.8)))
     shift = rng.normal(0, 0.4, experts)
 
     def pick(phase: str) -> tuple[list[int], list[float]]:
-        logp = base + (shift if phase == "decode" else 0)
+        logp = base + (shift if phase == DECODE else 0)
         scores = logp + rng.gumbel(size=experts)
         ids = np.argsort(-scores)[:k]
         w = np.sort(rng.dirichlet(np.ones(k)) * 0.8)[::-1]
@@ -122,13 +127,13 @@ def skewed_routes(
     for r in range(n_requests):
         for t in range(prompt):
             for layer in layers:
-                ids, w = pick("prefill")
-                out.append(route(str(r), t, layer, ids, w, "prefill"))
+                ids, w = pick(PREFILL)
+                out.append(route(str(r), t, layer, ids, w, PREFILL))
     for step in range(generated - 1):
         for r in range(n_requests):
             for layer in layers:
-                ids, w = pick("decode")
-                out.append(route(str(r), prompt + step, layer, ids, w, "decode"))
+                ids, w = pick(DECODE)
+                out.append(route(str(r), prompt + step, layer, ids, w, DECODE))
     return out
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from logfactory import dumps, meta, route, run_cli, sequential_routes, skewed_routes, write_log
 
+from moeprof.analysis.analyze import analyze_log, analyze_logs
 from moeprof.analysis.reader import LogError
-from moeprof.analysis.report import analyze_log, analyze_logs, markdown_note
+from moeprof.render.note import markdown_note
 
 
 def test_tiny_log_counts_and_metrics_match_hand_values(tmp_path: Path) -> None:
@@ -68,6 +69,13 @@ def test_minimum_fields_log_infers_the_expert_count_with_a_warning(tmp_path: Pat
     assert b.num_experts == 8 and b.layers[0].stats.never_used == [6, 7]
     with pytest.raises(LogError, match=r"min.jsonl:2: expert id 5 is out of range"):
         analyze_log(log, num_experts=5)
+
+
+def test_an_implausible_expert_id_without_num_experts_is_a_log_error(tmp_path: Path) -> None:
+    body = [route("a", 0, ids=[70000, 1], weights=[0.5, 0.5])]
+    log = write_log(tmp_path / "huge.jsonl", body, meta(top_k=2, num_experts=None))
+    with pytest.raises(LogError, match=r"huge.jsonl: expert id 70000 is implausibly large"):
+        analyze_log(log)
 
 
 def _contaminated(tmp_path: Path) -> tuple[Path, Path]:

@@ -7,13 +7,19 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
-from moeprof.hook import compat
-from moeprof.hook.config import HookConfigError, load_config
+from moeprof.errors import REFUSAL_PREFIX, HookRefusal
+from moeprof.generate import failure_reason
+from moeprof.hook import compat, config, install
+from moeprof.hook.collector import StepCollector
+from moeprof.hook.config import HookConfig, load_config
 from moeprof.hook.ring import HostRing, RingFull
 from moeprof.hook.rows import RowMapper, StepBatch
 from moeprof.hook.writer import LogWriter, StepItem, format_routes, route_template
@@ -161,9 +167,14 @@ def test_writer_logs_every_real_token_once_with_phase_and_user_request_id(tmp_pa
 def test_writer_refuses_to_replace_an_existing_log(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     log.write_text("keep me\n")
-    with pytest.raises(RuntimeError, match="already exists"):
+    with pytest.raises(HookRefusal, match=r"^moeprof: .* already exists"):
         _writer(log)
     assert log.read_text() == "keep me\n"
+
+
+def test_writer_refuses_a_log_it_cannot_open(tmp_path: Path) -> None:
+    with pytest.raises(HookRefusal, match=r"^moeprof: cannot open .* for writing"):
+        _writer(tmp_path / "missing-dir" / "log.jsonl")
 
 
 def test_a_failing_write_stops_logging_and_keeps_the_log_whole(
@@ -206,14 +217,15 @@ def test_external_request_id_strips_the_engine_suffix(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize(
-    ("layer", "message"), [("x", "is not a layer index"), ("-1", "must be >= 0")]
+    ("layer", "message"),
+    [("x", "VLLM_MOE_LAYER='x' is not a layer index"), ("-1", "VLLM_MOE_LAYER=-1 must be >= 0")],
 )
 def test_bad_layer_settings_are_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, layer: str, message: str
 ) -> None:
     monkeypatch.setenv("VLLM_LOG_MOE", str(tmp_path / "log.jsonl"))
     monkeypatch.setenv("VLLM_MOE_LAYER", layer)
-    with pytest.raises(HookConfigError, match=message):
+    with pytest.raises(HookRefusal, match=f"^moeprof: {message}"):
         load_config()
 
 
@@ -288,3 +300,415 @@ def test_the_writer_thread_leaves_the_cores_its_process_is_pinned_to(tmp_path: P
         w.close()
     finally:
         os.sched_setaffinity(0, before)
+
+
+# --- The one refusal type ------------------------------------------------------------------------
+
+
+def test_a_refusal_carries_the_prefix_once_and_keeps_the_bare_reason() -> None:
+    refusal = HookRefusal("layer 3 is busy")
+    assert str(refusal) == f"{REFUSAL_PREFIX}layer 3 is busy" == "moeprof: layer 3 is busy"
+    assert refusal.reason == "layer 3 is busy"
+    assert isinstance(refusal, RuntimeError)
+
+
+def test_generate_finds_the_refusal_reason_in_a_failed_engines_output(tmp_path: Path) -> None:
+    reason = "VLLM_MOE_LAYER=7 is not an MoE layer of tiny; its MoE layers are 0-3"
+    engine_log = tmp_path / "vllm-logged.log"
+    engine_log.write_text(
+        "INFO 11-30 starting\n"
+        "Traceback (most recent call last):\n"
+        f"moeprof.errors.HookRefusal: {HookRefusal(reason)}\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    )
+    assert failure_reason(engine_log) == reason
+
+
+# --- Configuration from the environment ----------------------------------------------------------
+
+
+@pytest.fixture
+def log_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A fresh launch: VLLM_LOG_MOE set, nothing checked yet in this process."""
+    path = tmp_path / "log.jsonl"
+    monkeypatch.setenv(config.ENV_LOG, str(path))
+    monkeypatch.delenv(config.ENV_LAYER, raising=False)
+    monkeypatch.delenv(config.ENV_OVERWRITE, raising=False)
+    monkeypatch.setenv("_MOEPROF_CHECKED_PATH", "")  # so that the marker is removed afterwards
+    monkeypatch.delenv("_MOEPROF_CHECKED_PATH")
+    return path
+
+
+def test_config_reads_path_layer_and_overwrite(
+    log_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(config.ENV_LAYER, " 12 ")
+    assert load_config() == HookConfig(path=log_env, layer=12, overwrite=False)
+    for off in ("0", "false", ""):
+        monkeypatch.setenv(config.ENV_OVERWRITE, off)
+        assert load_config().overwrite is False
+
+
+def test_an_existing_log_is_refused_unless_overwrite_is_set(
+    log_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log_env.write_text("precious\n")
+    with pytest.raises(HookRefusal, match=r"already exists; remove it or set VLLM_LOG_MOE_OVERW"):
+        load_config()
+    monkeypatch.setenv(config.ENV_OVERWRITE, "1")
+    assert load_config().overwrite is True
+    assert log_env.read_text() == "precious\n"
+
+
+def test_a_log_path_that_is_a_directory_is_refused(log_env: Path) -> None:
+    log_env.mkdir()
+    with pytest.raises(HookRefusal, match="is a directory, not a file"):
+        load_config()
+
+
+def test_a_log_in_a_missing_directory_is_refused(
+    log_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(config.ENV_LOG, str(log_env.parent / "nope" / "log.jsonl"))
+    with pytest.raises(HookRefusal, match=r"^moeprof: cannot write .*: .*nope does not exist$"):
+        load_config()
+
+
+def test_a_log_in_an_unwritable_directory_is_refused(
+    log_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # chmod does not stop root, so ask the question the hook asks, with the answer "no"
+    monkeypatch.setattr(config.os, "access", lambda path, mode: False)
+    with pytest.raises(HookRefusal, match="is not writable"):
+        load_config()
+
+
+def test_only_the_first_process_of_a_launch_checks_the_path(log_env: Path) -> None:
+    """Workers inherit the marker: a sibling rank may have created its file by then."""
+    load_config()
+    log_env.write_text("a sibling rank's log\n")
+    assert load_config().path == log_env
+
+
+# --- Start-up against the loaded model, with plain fakes of vLLM's objects ----------------------
+
+
+class FakeRouter:
+    """Stands in for vLLM's ``BaseRouter``: returns ``(topk_weights, topk_ids)``."""
+
+    top_k = 2
+    global_num_experts = 8
+
+    def _compute_routing(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        ids = (torch.arange(2 * n).reshape(n, 2) % 8).to(torch.int64)
+        weights = torch.full((n, 2), 0.25, dtype=torch.float32) + ids / 100
+        return weights, ids
+
+
+class FakeMoERunner:
+    """Stands in for vLLM's ``MoERunner``."""
+
+    def __init__(self, layer_id: int, *, monolithic: bool = False, router: Any = None) -> None:
+        self.layer_id = layer_id
+        self.is_monolithic = monolithic
+        self.router = FakeRouter() if router is None else router
+
+
+def _vllm_config(**parallel: Any) -> types.SimpleNamespace:
+    ns = types.SimpleNamespace
+    return ns(
+        model_config=ns(
+            model="fake/moe",
+            seed=1234,
+            dtype=torch.bfloat16,
+            enforce_eager=False,
+            get_num_experts=lambda: 8,
+        ),
+        cache_config=ns(enable_prefix_caching=False),
+        compilation_config=ns(cudagraph_mode="NONE", max_cudagraph_capture_size=None),
+        scheduler_config=ns(max_num_batched_tokens=64),
+        parallel_config=ns(
+            **{
+                "pipeline_parallel_size": 1,
+                "tensor_parallel_size": 1,
+                "data_parallel_rank": 0,
+                "data_parallel_size": 1,
+            }
+            | parallel
+        ),
+        speculative_config=None,
+    )
+
+
+def _v1_runner(runners: list[FakeMoERunner]) -> types.SimpleNamespace:
+    """A V1 model runner after a step; tests fill its batch."""
+    ns = types.SimpleNamespace
+    model = ns(modules=lambda: [ns(), *runners])  # other modules are skipped
+    return ns(
+        device="cpu",
+        get_model=lambda: model,
+        input_batch=ns(req_ids=[], num_computed_tokens_cpu=np.zeros(8, dtype=np.int32)),
+        query_start_loc=ns(np=np.zeros(9, dtype=np.int32)),
+    )
+
+
+def _worker(runners: list[FakeMoERunner], **parallel: Any) -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        vllm_config=_vllm_config(**parallel), model_runner=_v1_runner(runners)
+    )
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What compat imports from vLLM itself, for fakes: the MoE runner type, TP rank, version."""
+    monkeypatch.setattr(compat, "moe_runner_class", lambda: FakeMoERunner)
+    monkeypatch.setattr(compat, "tensor_parallel_rank", lambda: 0)
+    monkeypatch.setattr(compat, "vllm_version", lambda: "0.0.fake")
+
+
+def _start(worker: Any, tmp_path: Path, layer: int = 1) -> StepCollector | None:
+    return StepCollector.start(worker, HookConfig(tmp_path / "log.jsonl", layer, overwrite=False))
+
+
+def test_engine_facts_are_read_from_the_config(fake_vllm: None) -> None:
+    worker = _worker([], data_parallel_size=2, data_parallel_rank=1, tensor_parallel_size=4)
+    worker.vllm_config.compilation_config.max_cudagraph_capture_size = 512
+    facts = compat.engine_facts(worker)
+    assert facts.model_id == "fake/moe" and facts.seed == 1234 and facts.dtype == "bfloat16"
+    assert facts.max_router_tokens == 512 * 2  # the largest graph, every DP rank's tokens
+    assert (facts.data_parallel_rank, facts.tensor_parallel_size) == (1, 4)
+    assert facts.num_experts == 8 and facts.speculative is False
+    assert facts.device == torch.device("cpu")
+    worker.vllm_config.model_config.get_num_experts = lambda: 0
+    assert compat.engine_facts(worker).num_experts is None
+
+
+def test_speculative_decoding_is_refused(fake_vllm: None, tmp_path: Path) -> None:
+    worker = _worker([FakeMoERunner(1)])
+    worker.vllm_config.speculative_config = types.SimpleNamespace(num_speculative_tokens=3)
+    with pytest.raises(HookRefusal, match=r"^moeprof: speculative decoding routes draft tokens"):
+        _start(worker, tmp_path)
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_a_model_without_moe_layers_is_refused(fake_vllm: None, tmp_path: Path) -> None:
+    with pytest.raises(HookRefusal, match=r"^moeprof: fake/moe has no MoE layer to log$"):
+        _start(_worker([]), tmp_path)
+
+
+def test_a_layer_that_is_not_an_moe_layer_is_refused_with_the_moe_layers(
+    fake_vllm: None, tmp_path: Path
+) -> None:
+    worker = _worker([FakeMoERunner(i) for i in (0, 1, 2, 5)])
+    with pytest.raises(
+        HookRefusal,
+        match=r"^moeprof: VLLM_MOE_LAYER=4 is not an MoE layer of fake/moe; "
+        r"its MoE layers are 0-2, 5$",
+    ):
+        _start(worker, tmp_path, layer=4)
+
+
+def test_a_pipeline_stage_without_the_layer_starts_nothing(fake_vllm: None, tmp_path: Path) -> None:
+    worker = _worker([FakeMoERunner(0), FakeMoERunner(1)], pipeline_parallel_size=2)
+    assert _start(worker, tmp_path, layer=3) is None  # another stage holds layer 3
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_a_monolithic_kernel_is_refused(fake_vllm: None, tmp_path: Path) -> None:
+    worker = _worker([FakeMoERunner(1, monolithic=True)])
+    with pytest.raises(HookRefusal, match=r"^moeprof: layer 1 runs a monolithic MoE kernel"):
+        _start(worker, tmp_path)
+
+
+def test_a_runner_without_a_router_is_an_unsupported_vllm(fake_vllm: None, tmp_path: Path) -> None:
+    worker = _worker([FakeMoERunner(1, router=types.SimpleNamespace(top_k=2))])
+    with pytest.raises(
+        HookRefusal,
+        match=r"^moeprof: vLLM 0\.0\.fake is not supported: the MoE runner of layer 1 has no "
+        r"router\._compute_routing \(moeprof knows vLLM ",
+    ):
+        _start(worker, tmp_path)
+
+
+def test_tensor_parallel_ranks_other_than_0_log_nothing_but_refuse_alike(
+    fake_vllm: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every TP rank routes the same tokens: rank 0 writes them, the others tap nothing. A
+    layer that cannot be logged is refused on every rank."""
+    monkeypatch.setattr(compat, "tensor_parallel_rank", lambda: 1)
+    runner = FakeMoERunner(1)
+    assert _start(_worker([runner], tensor_parallel_size=2), tmp_path) is None
+    assert "_compute_routing" not in vars(runner.router)
+    assert not (tmp_path / "log.jsonl").exists()
+    with pytest.raises(HookRefusal, match="monolithic"):
+        _start(_worker([FakeMoERunner(1, monolithic=True)], tensor_parallel_size=2), tmp_path)
+
+
+def test_each_data_parallel_rank_writes_its_own_log(fake_vllm: None, tmp_path: Path) -> None:
+    worker = _worker([FakeMoERunner(1)], data_parallel_size=2, data_parallel_rank=1)
+    collector = _start(worker, tmp_path)
+    assert collector is not None
+    collector.close()
+    meta = json.loads((tmp_path / "log.dp1.jsonl").read_text())
+    assert (meta["data_parallel_rank"], meta["data_parallel_size"]) == (1, 2)
+    assert collector.capture.rows.shape == (64 * 2, 4)  # both ranks' tokens reach the router
+
+
+def test_meta_describes_the_engine_and_falls_back_to_the_routers_expert_count(
+    fake_vllm: None, tmp_path: Path
+) -> None:
+    worker = _worker([FakeMoERunner(1)])
+    worker.vllm_config.model_config.get_num_experts = lambda: 0
+    collector = _start(worker, tmp_path)
+    assert collector is not None
+    collector.close()
+    meta = parse_meta((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert meta.model_id == "fake/moe" and meta.vllm_version == "0.0.fake"
+    assert meta.layers_logged == [1] and meta.top_k == 2 and meta.num_experts == 8
+    assert meta.dtype == "bfloat16" and meta.prefix_caching is False
+
+
+# --- Reading a step ----------------------------------------------------------------------------
+
+
+def _v2_runner(req_ids: list[str], qsl: list[int], computed: list[int], num_tokens: int) -> Any:
+    """A Model Runner V2 between ``execute_model`` and ``sample_tokens``: arrays padded."""
+    ns = types.SimpleNamespace
+    pad = 4
+    batch = ns(
+        req_ids=req_ids,
+        query_start_loc_np=np.array(qsl + [num_tokens] * pad, dtype=np.int32),
+        num_computed_tokens_np=np.array(computed + [0] * pad, dtype=np.int32),
+        num_tokens=np.int32(num_tokens),
+    )
+    return ns(execute_model_state=ns(input_batch=batch))
+
+
+def test_the_v2_model_runner_batch_is_read_and_copied() -> None:
+    runner = _v2_runner(["a", "b"], [0, 3, 4], [0, 9], 4)
+    read = compat.step_batch_reader(runner)
+    batch = read(6)  # V2 knows its real token count; the scheduled count is not used
+    assert batch == StepBatch(["a", "b"], [0, 3, 4], [0, 9], 4)
+    assert isinstance(batch.num_tokens, int)
+    runner.execute_model_state.input_batch.num_computed_tokens_np[:] = 7  # reused next step
+    assert batch.num_computed == [0, 9]
+    runner.execute_model_state = types.SimpleNamespace(
+        input_batch=_v2_runner(["c"], [0, 1], [5], 1).execute_model_state.input_batch
+    )
+    assert read(1) == StepBatch(["c"], [0, 1], [5], 1)  # read afresh every step
+
+
+def test_the_v1_model_runner_batch_is_read_with_the_scheduled_token_count() -> None:
+    runner = _v1_runner([])
+    runner.input_batch.req_ids = ["a", "b"]
+    runner.input_batch.num_computed_tokens_cpu[:2] = [0, 9]
+    runner.query_start_loc.np[:3] = [0, 3, 4]
+    assert compat.step_batch_reader(runner)(4) == StepBatch(["a", "b"], [0, 3, 4], [0, 9], 4)
+
+
+def test_a_model_runner_with_neither_batch_layout_is_unsupported(fake_vllm: None) -> None:
+    with pytest.raises(HookRefusal, match="neither a V1 nor a V2 input batch"):
+        compat.step_batch_reader(types.SimpleNamespace(execute_model_state=None))
+
+
+def _scheduled(
+    num_tokens: int, new: tuple[Any, ...] | list[Any] = (), finished: frozenset[str] = frozenset()
+) -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        total_num_scheduled_tokens=num_tokens,
+        scheduled_new_reqs=list(new),
+        finished_req_ids=finished,
+    )
+
+
+def test_a_step_without_tokens_does_not_decide_which_runner_it_is() -> None:
+    """V2 keeps no batch for an empty step; the runner is looked at once a step has tokens."""
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(execute_model_state=None))
+    read = compat.StepReader(worker)
+    step = read(_scheduled(0, finished=frozenset({"x"})))
+    assert step == compat.ScheduledStep(frozenset({"x"}), None, {})
+    worker.model_runner = _v2_runner(["a"], [0, 2], [0], 2)
+    new = [types.SimpleNamespace(req_id="a", prompt_token_ids=[5, 6])]
+    assert read(_scheduled(2, new)) == compat.ScheduledStep(
+        frozenset(), StepBatch(["a"], [0, 2], [0], 2), {"a": 2}
+    )
+
+
+def test_prompt_lengths_come_from_token_ids_or_embeddings() -> None:
+    ns = types.SimpleNamespace
+    new = [
+        ns(req_id="ids", prompt_token_ids=[1, 2, 3]),
+        ns(req_id="embeds", prompt_token_ids=None, prompt_embeds=torch.zeros(5, 8)),
+        ns(req_id="neither", prompt_token_ids=None, prompt_embeds=None),
+    ]
+    assert compat.new_prompt_lens(_scheduled(9, new)) == {"ids": 3, "embeds": 5, "neither": -1}
+
+
+# --- The wiring into the worker, end to end with fakes -----------------------------------------
+
+
+def test_a_patched_worker_logs_real_steps_after_warm_up_only(
+    fake_vllm: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", raising=False)
+    hook_config = HookConfig(tmp_path / "log.jsonl", 1, overwrite=False)
+    runners = [FakeMoERunner(0), FakeMoERunner(1)]
+
+    class FakeWorker:
+        """Stands in for ``vllm.v1.worker.gpu_worker.Worker``."""
+
+        def __init__(self) -> None:
+            self.vllm_config = _vllm_config()
+            self.model_runner = _v1_runner(runners)
+            self.shut_down = False
+
+        def load_model(self) -> None:
+            pass
+
+        def compile_or_warm_up_model(self) -> None:
+            self.execute_model(_scheduled(3))  # a warm-up step with a made-up request
+
+        def execute_model(self, scheduler_output: Any) -> str:
+            n = scheduler_output.total_num_scheduled_tokens
+            for runner in runners:
+                runner.router._compute_routing(torch.zeros(n, 4))
+            return "output"
+
+        def shutdown(self) -> None:
+            self.shut_down = True
+
+    install._patch_worker(types.SimpleNamespace(Worker=FakeWorker), hook_config)
+    worker = FakeWorker()
+    worker.load_model()
+    worker.compile_or_warm_up_model()
+    runner = worker.model_runner
+    runner.input_batch.req_ids = ["0-1a2b3c4d"]
+    runner.query_start_loc.np[:2] = [0, 3]
+    new = [types.SimpleNamespace(req_id="0-1a2b3c4d", prompt_token_ids=[7, 8, 9])]
+    assert worker.execute_model(_scheduled(3, new)) == "output"  # prefill
+    runner.input_batch.num_computed_tokens_cpu[0] = 3
+    runner.query_start_loc.np[:2] = [0, 1]
+    worker.execute_model(_scheduled(1))  # first decode step
+    worker.shutdown()
+    assert worker.shut_down
+    lines = hook_config.path.read_text().splitlines()
+    meta = parse_meta(lines[0])
+    routes = [parse_route(line, meta) for line in lines[1:]]
+    assert [(r.req_id, r.token_idx, r.phase) for r in routes] == [
+        ("0", 0, "prefill"),
+        ("0", 1, "prefill"),
+        ("0", 2, "prefill"),
+        ("0", 3, "decode"),
+    ]
+    assert [r.topk_ids for r in routes] == [[0, 1], [2, 3], [4, 5], [0, 1]]
+    assert routes[1].topk_weights == pytest.approx([0.27, 0.28])
+    assert "_compute_routing" not in vars(runners[0].router)  # only the logged layer is tapped
+
+
+def test_a_worker_module_without_the_worker_class_is_an_unsupported_vllm(
+    fake_vllm: None, tmp_path: Path
+) -> None:
+    hook_config = HookConfig(tmp_path / "log.jsonl", 1, overwrite=False)
+    with pytest.raises(HookRefusal, match=r"vllm\.v1\.worker\.gpu_worker\.Worker has changed"):
+        install._patch_worker(types.SimpleNamespace(Worker=object), hook_config)

@@ -59,6 +59,16 @@ def test_an_existing_prompts_file_is_not_overwritten_without_force(tmp_path: Pat
     assert result.exit_code == 0 and out.read_text() == "What is 2+2?\n"
 
 
+def test_when_either_target_exists_neither_is_written(tmp_path: Path) -> None:
+    out, jsonl = tmp_path / "p.txt", tmp_path / "p.jsonl"
+    jsonl.write_text("mine\n")
+    with pytest.raises(UserError, match=r"p\.jsonl: already exists \(use --force to overwrite\)"):
+        prompts.write_prompts(["q"], out, jsonl)
+    assert not out.exists() and jsonl.read_text() == "mine\n"
+    assert prompts.write_prompts(["q"], out, jsonl, force=True) == [out, jsonl]
+    assert prompts.read_prompts(jsonl) == prompts.read_prompts(out) == ["q"]
+
+
 def test_a_bad_source_line_is_named_with_file_and_line(tmp_path: Path) -> None:
     src = tmp_path / "src.jsonl"
     src.write_text(json.dumps({"question": "ok"}) + "\n" + '{"answer": 1}\n')

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 from logfactory import META, dumps, meta, route
 from pydantic import ValidationError
 
-from moeprof import schema
+from moeprof import layout, schema
 
 
 def _meta(**kw: object) -> schema.MetaRecord:
@@ -99,3 +101,68 @@ def test_meta_dict_stamps_the_schema_version() -> None:
         model_id="m", vllm_version="1", torch_version="2", device="cpu", layers_logged=[1], top_k=2
     )
     assert d["schema_version"] == schema.SCHEMA_VERSION and d["type"] == "meta"
+
+
+def test_ids_valid_is_route_problem_s_id_rules_vectorised() -> None:
+    rng = np.random.default_rng(0)
+    m = _meta(top_k=4, num_experts=8)
+    ids = rng.integers(-1, 9, (2000, 4))
+    want = [
+        schema.route_problem(row.tolist(), [0.1] * 4, 12, m) is None for row in ids
+    ]  # repeats, negatives and ids beyond num_experts all occur
+    assert schema.ids_valid(ids, m.num_experts).tolist() == want
+    assert 0 < sum(want) < len(want)
+    wide = rng.integers(0, 40, (500, 12))  # more than 8 ids: the sorting branch
+    want = [schema.route_problem(r.tolist(), [0.1] * 12, 12, None) is None for r in wide]
+    assert schema.ids_valid(wide, None).tolist() == want
+    assert not schema.ids_valid(np.zeros((3, 0), np.int64), None).any()
+
+
+def test_range_problem_names_what_a_reader_cannot_hold() -> None:
+    assert schema.range_problem(1, 12, [0, 1], [0.5, 0.25]) is None
+    assert schema.range_problem(schema.INT64_MAX + 1, 12, [0], [0.5]) == (
+        "an integer field exceeds 64 bits"
+    )
+    assert schema.range_problem(0, 12, [0], [-1e39]) == (
+        "topk_weights has a value beyond float32 range"
+    )
+    assert schema.weights_valid(np.array([0.5, np.nan, 1e39, -np.inf])).tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
+def test_the_hook_s_line_has_the_record_s_fields_in_order_and_reads_back() -> None:
+    template = layout.route_template(12, 2)
+    text = layout.format_routes(
+        template,
+        ['"r-1"', '"r\\"2"'],
+        np.array([0, 5]),
+        np.array([[1, 7], [2, 0]]),
+        np.array([[0.5, 0.25], [1e-8, 0.125]], np.float32),
+        np.array([True, False]),
+    )
+    m = _meta(top_k=2)
+    for line, prefill in zip(text.splitlines(), (True, False), strict=True):
+        assert list(json.loads(line)) == list(schema.RouteRecord.model_fields)
+        rec = schema.parse_route(line, m)
+        assert rec.phase == schema.PHASES[0 if prefill else 1]
+    assert [schema.parse_route(line).req_id for line in text.splitlines()] == ["r-1", 'r"2']
+
+
+def test_route_layout_is_the_template_cut_at_its_values() -> None:
+    for omit in ((), ("phase",)):
+        lay = layout.route_layout(3, omit=omit)
+        template = layout.route_template(None, 3, omit=omit)
+        specs = re.findall(r"%[.\d]*[dgs]", template)
+        assert "".join(t + v for t, v in zip(lay.texts, [*specs, ""], strict=True)) == template
+        slots = [f for f in layout.FIELDS if f != "type" and f not in omit]  # type: a constant
+        assert list(dict.fromkeys(lay.fields)) == slots
+        assert lay.fields.count("topk_ids") == lay.fields.count("topk_weights") == 3
+    assert layout.route_layout(3).between("phase", None).endswith("}\n")
+    with pytest.raises(ValueError, match="does not follow"):
+        layout.route_layout(3).between("req_id", "layer")
+    with pytest.raises(ValueError, match="required"):
+        layout.route_template(12, 3, omit=("layer",))

@@ -3,14 +3,11 @@ record.
 
 Why: msgspec decodes a route in ~300 ns, but turning its records into numpy columns (one Python
 int or float per id and weight, then freeing them) costs as much again, which kept ``validate``
-and ``analyze`` under a million routes a second. The hook writes every line from one template::
-
-    {"type":"route","req_id":"0","token_idx":7,"layer":12,"topk_ids":[40,48,22,4],
-     "topk_weights":[0.1149279,0.1104169,0.08656031,6.181274e-05],"phase":"prefill"}
-
-(one line, no spaces; ``phase`` may be absent), so a block of such lines is parsed field by field
-for all lines at once. Each step reads the 8 bytes at every line's cursor as one uint64 (or a
-48-byte row where a literal part of the template starts) and reads them with
+and ``analyze`` under a million routes a second. The hook writes every line from one template
+(:mod:`moeprof.layout`: one line, no spaces; ``phase`` may be absent), so a block of such lines
+is parsed field by field for all lines at once. The literal bytes expected between the values
+are taken from that same layout. Each step reads the 8 bytes at every line's cursor as one
+uint64 (or a 48-byte row where a literal part of the template starts) and reads them with
 SIMD-within-a-register arithmetic: the length of a digit run, its value, the byte that ends it.
 Every byte of an accepted line is checked: literal bytes against the template, numbers against
 JSON's number grammar, the request id as printable ASCII without quotes or backslashes, and the
@@ -40,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moeprof import layout, schema
+
 ROW = 48
 """Bytes read at once where a literal part of the template starts."""
 MAX_RID_WORDS = 16
@@ -67,20 +66,40 @@ _POW10_FLOAT = np.array([10.0**i for i in range(23)], np.float64)  # all exact
 _MAX_MANTISSA_DIGITS = 15  # 10**15 < 2**53
 _MAX_EXP10 = 22  # 10**22 is the largest exact power of ten
 
-_TYPE_REQ = b'{"type":"route","req_id":"'
-_TOKEN = b'","token_idx":'
-_LAYER = b',"layer":'
-_IDS = b',"topk_ids":['
-_WEIGHTS = b'],"topk_weights":['
-_TAILS: tuple[tuple[bytes, int], ...] = (
-    (b'],"phase":"prefill"}\n', 0),
-    (b'],"phase":"decode"}\n', 1),
-    (b"]}\n", -1),
-)
-RID_OFFSET = len(_TYPE_REQ)
+
+def _layout_literals() -> tuple[bytes, bytes, bytes, bytes, bytes, tuple[tuple[bytes, int], ...]]:
+    """The literal bytes of the hook's route line between the values this parser reads, in the
+    order it reads them: (head, token, layer, ids, weights, tails). A request id is a JSON string,
+    so its quotes end the literals around it. The tails end a line after its weights: one per
+    phase, with the phase's code, and one without a phase (``NO_PHASE``). A ValueError here
+    means the layout gained or moved a field: teach :meth:`BlockParser.parse` to read it."""
+    line = layout.route_layout(1)
+    bare = layout.route_layout(1, omit=("phase",))
+    tails = [
+        (line.between("topk_weights", "phase") + name + line.between("phase", None), code)
+        for code, name in enumerate(schema.PHASES)
+    ]
+    tails.append((bare.between("topk_weights", None), schema.NO_PHASE))
+    return (
+        (line.between(None, "req_id") + '"').encode(),
+        ('"' + line.between("req_id", "token_idx")).encode(),
+        line.between("token_idx", "layer").encode(),
+        line.between("layer", "topk_ids").encode(),
+        line.between("topk_ids", "topk_weights").encode(),
+        tuple((text.encode(), code) for text, code in tails),
+    )
+
+
+_HEAD, _TOKEN, _LAYER, _IDS, _WEIGHTS, _TAILS = _layout_literals()
+RID_OFFSET = len(_HEAD)
 """Where a line's request id starts."""
 
-_COMMA, _CLOSE, _QUOTE, _DOT, _MINUS, _PLUS = (_U(c) for c in b',]".-+')
+_COMMA, _QUOTE, _DOT, _MINUS, _PLUS = (_U(c) for c in b',".-+')  # JSON's punctuation
+_TOKEN_END = _U(_LAYER[0])  # the byte after token_idx
+_IDS_END = _U(_WEIGHTS[0])  # the byte after the last id
+_WEIGHTS_END = _U(_TAILS[0][0][0])  # the byte after the last weight
+if any(text[0] != _TAILS[0][0][0] for text, _ in _TAILS):
+    raise RuntimeError("moeprof.analysis.fastparse: route line tails must start alike")
 
 
 # --------------------------------------------------------------------------- SWAR helpers
@@ -213,6 +232,9 @@ class BlockParser:
 
     :meth:`parse` returns None when the block is not worth it (most lines are not in the
     template, or a request id hash collided), so the caller falls back for the whole block.
+    It reads the fields of every line in the layout's order, one step per field: each step
+    starts at the lines' cursors, returns the values and the cursors after them, and clears
+    ``ok`` for the lines where the field is not as the hook writes it (their values are garbage).
     """
 
     def __init__(self, top_k: int, layers: list[int], num_experts: int | None) -> None:
@@ -220,12 +242,13 @@ class BlockParser:
         self.layers = np.asarray(sorted(layers), np.int64)
         self.num_experts = num_experts
         self._id_ends = np.full((top_k, 1), _COMMA ^ _U(0x30), np.uint64)
-        self._id_ends[-1] = _CLOSE ^ _U(0x30)
+        self._id_ends[-1] = _IDS_END ^ _U(0x30)
         self.pad = 512 + 64 * top_k + 8 * MAX_RID_WORDS
         """Readable bytes needed after a block's end (see the module docstring)."""
         self._layer_lits: list[tuple[int, bytes]] | None = None
+        """Per logged layer, the literal from the comma before ``layer`` to the first id."""
         if len(layers) <= MAX_LAYER_VARIANTS and max(layers) < 10**9:
-            self._layer_lits = [(lay, b'"layer":%d' % lay) for lay in sorted(layers)]
+            self._layer_lits = [(lay, _LAYER + b"%d" % lay + _IDS) for lay in sorted(layers)]
 
     def parse(
         self,
@@ -236,58 +259,18 @@ class BlockParser:
     ) -> Parsed | None:
         """The lines at ``starts`` ending with a newline at ``ends``, read through
         :func:`word_view` and :func:`row_view` of one buffer."""
-        n = starts.size
-        k = self.k
         head = _Rows(rows, starts)
-        ok = head.literal(_TYPE_REQ)
-        if np.count_nonzero(ok) < n // 2:
+        ok = head.literal(_HEAD)
+        if np.count_nonzero(ok) < starts.size // 2:
             return None
-        rid_len, quote, parts = self._request_ids(words, head, starts, ok)
-
-        r = _Rows(rows, quote)
-        ok &= r.literal(_TOKEN)
-        token_idx, cur, good = _int_run(r.word(len(_TOKEN)), quote + len(_TOKEN), _COMMA)
-        ok &= good
-
-        r = _Rows(rows, cur)  # at the "," before "layer"
-        layer, cur, first_id, good = self._layer(rows, r, cur)
-        ok &= good
-        digits = np.empty((k, n), np.uint64)  # XOR b"0": digit values, then the end byte
-        count = np.empty((k, n), np.uint64)
-        for j in range(k):  # find each id's end; read their values below, all at once
-            x = (first_id if j == 0 and first_id is not None else words[cur]) ^ _ZEROS
-            digits[j] = x
-            count[j] = c = _count_below(_flags_nondigit(x))
-            cur = cur + _int(c) + 1
-        cur = cur - 1  # at the "]"
-        ok &= np.logical_and.reduce(_int_checks(digits, count, self._id_ends), axis=0)
-        ids = _int(_digits_value(digits, count))
-
-        r = _Rows(rows, cur)
-        ok &= r.literal(_WEIGHTS)
-        cur = cur + len(_WEIGHTS)
-        weights = np.empty((k, n), np.float64)
-        for j in range(k):
-            if j == 0:
-                lo, hi = r.word(len(_WEIGHTS)), r.word(len(_WEIGHTS) + 8)
-            else:
-                lo, hi = words[cur], words[cur + 8]
-            weights[j], cur, good = _weight(words, lo, hi, cur, _COMMA if j < k - 1 else _CLOSE)
-            ok &= good
-            cur = cur + 1
-        cur = cur - 1  # at the "]"
-
-        r = _Rows(rows, cur)
-        phase = np.zeros(n, np.int8)
-        ended = np.zeros(n, bool)
-        for lit, code in _TAILS:
-            hit = r.literal(lit) & (cur + (len(lit) - 1) == ends)
-            if code:
-                phase[hit] = code
-            ended |= hit
-        ok &= ended
-        ok &= self._ids_ok(ids)
-        rid = _group_rids(parts, ok)
+        rid_len, cur, rid_words = self._request_ids(words, head, starts, ok)
+        token_idx, cur = self._token_idx(rows, cur, ok)
+        layer, cur, first_id = self._layer(rows, cur, ok)
+        ids, cur = self._ids(words, cur, first_id, ok)
+        weights, cur = self._weights(words, rows, cur, ok)
+        phase = self._phase(rows, cur, ends, ok)
+        ok &= schema.ids_valid(ids.T, self.num_experts)
+        rid = _group_rids(rid_words, ok)
         if rid is None:
             return None
         return Parsed(
@@ -306,7 +289,7 @@ class BlockParser:
         self, words: np.ndarray, head: _Rows, starts: np.ndarray, ok: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """Each line's request id: its length, the position of its closing quote, and its
-        bytes as words with zeros past the end (``ok`` is cleared for bad ids)."""
+        bytes as words with zeros past the end."""
         rid_at = starts + RID_OFFSET
         n = starts.size
         length = np.zeros(n, np.int64)
@@ -335,48 +318,111 @@ class BlockParser:
         ok &= length != 0
         return length, rid_at + length, parts
 
+    def _token_idx(
+        self, rows: np.ndarray, quote: np.ndarray, ok: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """From the request id's closing quote: token_idx, and the position of the byte after
+        it."""
+        r = _Rows(rows, quote)
+        ok &= r.literal(_TOKEN)
+        token_idx, cur, good = _int_run(r.word(len(_TOKEN)), quote + len(_TOKEN), _TOKEN_END)
+        ok &= good
+        return token_idx, cur
+
     def _layer(
-        self, rows: np.ndarray, r: _Rows, cur: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-        """``,"layer":N,"topk_ids":[`` at ``cur``: (layer, position of the first id, the
-        first id's word if the row holds it, ok)."""
-        n = cur.size
+        self, rows: np.ndarray, cur: np.ndarray, ok: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """From the byte before ``layer`` to the first id: (layer, position of the first id, the
+        first id's word if the row read here holds it)."""
+        r = _Rows(rows, cur)
         if self._layer_lits is not None:
-            layer = np.zeros(n, np.int64)
-            at = np.zeros(n, np.int64)
-            ok = np.zeros(n, bool)
-            sizes = set()
-            for lay, lit in self._layer_lits:
-                full = b"," + lit + _IDS
-                hit = r.literal(full)
-                layer[hit] = lay
-                at[hit] = len(full)
-                ok |= hit
-                sizes.add(len(full))
-            first = r.word(sizes.pop()) if len(sizes) == 1 else None
-            return layer, cur + at, first, ok
-        ok = r.literal(_LAYER)
-        layer, cur, good = _int_run(r.word(len(_LAYER)), cur + len(_LAYER), _COMMA)
+            return self._layer_as_literal(r, cur, ok)
+        layer, cur = self._layer_as_number(rows, r, cur, ok)
+        return layer, cur, None
+
+    def _layer_as_literal(
+        self, r: _Rows, cur: np.ndarray, ok: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A few logged layers: each layer's whole literal up to the first id, compared."""
+        assert self._layer_lits is not None
+        n = cur.size
+        layer = np.zeros(n, np.int64)
+        at = np.zeros(n, np.int64)
+        found = np.zeros(n, bool)
+        sizes = set()
+        for lay, lit in self._layer_lits:
+            hit = r.literal(lit)
+            layer[hit] = lay
+            at[hit] = len(lit)
+            found |= hit
+            sizes.add(len(lit))
+        ok &= found
+        first = r.word(sizes.pop()) if len(sizes) == 1 else None
+        return layer, cur + at, first
+
+    def _layer_as_number(
+        self, rows: np.ndarray, r: _Rows, cur: np.ndarray, ok: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Many logged layers: the number read, then looked up among them."""
+        ok &= r.literal(_LAYER)
+        layer, cur, good = _int_run(r.word(len(_LAYER)), cur + len(_LAYER), _U(_IDS[0]))
         ok &= good
         slot = np.minimum(np.searchsorted(self.layers, layer), self.layers.size - 1)
         ok &= self.layers[slot] == layer
         ok &= _Rows(rows, cur).literal(_IDS)
-        return layer, cur + len(_IDS), None, ok
+        return layer, cur + len(_IDS)
 
-    def _ids_ok(self, ids: np.ndarray) -> np.ndarray:
-        """(k, n) ids -> rows whose ids are distinct and below num_experts."""
-        k, n = ids.shape
-        ok = np.ones(n, bool)
-        if self.num_experts is not None:
-            ok &= ids.max(axis=0) < self.num_experts
-        if k <= 8:
-            for a in range(k):
-                for b in range(a + 1, k):
-                    ok &= ids[a] != ids[b]
-        else:
-            s = np.sort(ids, axis=0)
-            ok &= ~(s[1:] == s[:-1]).any(axis=0)
-        return ok
+    def _ids(
+        self, words: np.ndarray, cur: np.ndarray, first: np.ndarray | None, ok: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """top_k expert ids from ``cur`` (the first one's word ``first`` when already read):
+        (k, n) int64 values, and the position of the byte after the last."""
+        k, n = self.k, cur.size
+        digits = np.empty((k, n), np.uint64)  # XOR b"0": digit values, then the end byte
+        count = np.empty((k, n), np.uint64)
+        for j in range(k):  # find each id's end; read their values below, all at once
+            x = (first if j == 0 and first is not None else words[cur]) ^ _ZEROS
+            digits[j] = x
+            count[j] = c = _count_below(_flags_nondigit(x))
+            cur = cur + _int(c) + 1
+        ok &= np.logical_and.reduce(_int_checks(digits, count, self._id_ends), axis=0)
+        return _int(_digits_value(digits, count)), cur - 1
+
+    def _weights(
+        self, words: np.ndarray, rows: np.ndarray, cur: np.ndarray, ok: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """From the byte after the last id: (k, n) float64 weights, and the position of the
+        byte after the last."""
+        k = self.k
+        r = _Rows(rows, cur)
+        ok &= r.literal(_WEIGHTS)
+        cur = cur + len(_WEIGHTS)
+        weights = np.empty((k, cur.size), np.float64)
+        for j in range(k):
+            if j == 0:
+                lo, hi = r.word(len(_WEIGHTS)), r.word(len(_WEIGHTS) + 8)
+            else:
+                lo, hi = words[cur], words[cur + 8]
+            end = _COMMA if j < k - 1 else _WEIGHTS_END
+            weights[j], cur, good = _weight(words, lo, hi, cur, end)
+            ok &= good
+            cur = cur + 1
+        return weights, cur - 1
+
+    def _phase(
+        self, rows: np.ndarray, cur: np.ndarray, ends: np.ndarray, ok: np.ndarray
+    ) -> np.ndarray:
+        """From the byte after the last weight to the newline at ``ends``: the phase code."""
+        r = _Rows(rows, cur)
+        phase = np.zeros(cur.size, np.int8)
+        ended = np.zeros(cur.size, bool)
+        for lit, code in _TAILS:
+            hit = r.literal(lit) & (cur + (len(lit) - 1) == ends)
+            if code:
+                phase[hit] = code
+            ended |= hit
+        ok &= ended
+        return phase
 
 
 def _int_run(
@@ -406,12 +452,12 @@ def _weight(
     """A JSON number at ``pos`` (whose 16 bytes are ``lo``, ``hi``) followed by byte ``end``:
     (float64 value, position of the end byte, ok).
 
-    The common form is one digit, a dot and up to 14 more digits (``%.7g`` of values below 10,
-    or the mantissa of its exponent form). Dropping the dot leaves n <= 15 digits; read as 16
-    digits, zeros appended, they are V = M * 10**(16 - n) for the mantissa M, an even number
-    below 10**16 < 2**54 and so an exact double, and the number is V / 10**15 (one rounding).
-    That needs neither the digit count nor a shift per value. Other numbers (and exponents
-    beyond the exact range) go to :func:`_weight_general`."""
+    The common form is one digit, a dot and up to 14 more digits (the hook's weights below 10,
+    in ``layout.WEIGHT_FORMAT``, or the mantissa of their exponent form). Dropping the dot
+    leaves n <= 15 digits; read as 16 digits, zeros appended, they are V = M * 10**(16 - n)
+    for the mantissa M, an even number below 10**16 < 2**54 and so an exact double, and the
+    number is V / 10**15 (one rounding). That needs neither the digit count nor a shift per
+    value. Other numbers (and exponents beyond the exact range) go to :func:`_weight_general`."""
     x, xh = lo ^ _ZEROS, hi ^ _ZEROS
     common = (x & _U(0xFF00)) == _U(0x1E00)  # byte 1 is "."
     m_lo = (x & _LOW_BYTE) | ((x >> _U(8)) & ~_LOW_BYTE) | (xh << _U(56))

@@ -1,8 +1,10 @@
-"""``moeprof plot``: PNGs from an :class:`~moeprof.analysis.report.AnalysisReport`.
+"""``moeprof plot``: PNGs from an :class:`~moeprof.analysis.analyze.AnalysisReport`.
 
 Plots draw from the analysis (per-expert counts, co-selection matrix), never from the log, so a
 plot always shows exactly the numbers ``analyze`` prints. Figures are built with matplotlib's
-object API (no pyplot): no global figure state, no GUI backend, PNGs rendered by Agg.
+object API (no pyplot): no global figure state, no GUI backend, PNGs rendered by Agg. Each
+``*_figure`` function returns the :class:`~matplotlib.figure.Figure`; :func:`plot` builds one
+and writes it.
 """
 
 from __future__ import annotations
@@ -14,30 +16,24 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from moeprof.analysis.report import AnalysisReport, LayerAnalysis, LogAnalysis
+from moeprof.analysis.analyze import AnalysisReport, LayerAnalysis, LogAnalysis
+from moeprof.analysis.summary import ExpertStats
 from moeprof.errors import UserError
+from moeprof.outfiles import refuse_existing, replacing
 
 KINDS = ("hist", "coselect", "heatmap")
 PHASE_COLORS = {"prefill": "#4C72B0", "decode": "#DD8452", "unknown": "#8C8C8C"}
+ACCENT_COLOR = "#C44E52"
+"""Red: the uniform-share line and the contamination warning."""
 DPI = 150
 
 
 def check_writable(out: Path, force: bool) -> None:
-    """Refuse to clobber: called before the (possibly long) analysis, and again at save."""
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists (use --force to overwrite)")
+    """Refuse to clobber, and refuse a name that is not a PNG's: called before the (possibly
+    long) analysis, and again at save."""
+    refuse_existing(out, force)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: plots are written as PNG; use a .png file name")
-
-
-def _save(fig: Figure, out: Path, force: bool) -> Path:
-    check_writable(out, force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=DPI)
-    except OSError as e:
-        raise UserError(f"{out}: cannot write: {e.strerror or e}") from e
-    return out
 
 
 def plot(
@@ -48,18 +44,41 @@ def plot(
     sort: bool = False,
     force: bool = False,
 ) -> Path:
-    """Draw ``kind``; a histogram of several (log, layer) rows becomes a layer x expert heatmap,
-    because 24 overlaid histograms are unreadable."""
+    """Draw ``kind`` (see :func:`figure`) and write it to ``out`` as a PNG."""
+    return save(figure(report, kind=kind, sort=sort), out, force=force)
+
+
+def figure(report: AnalysisReport, *, kind: str = "hist", sort: bool = False) -> Figure:
+    """The figure of ``kind``; a histogram of several (log, layer) rows becomes a layer x expert
+    heatmap, because 24 overlaid histograms are unreadable. ``sort`` orders experts by load."""
     if kind not in KINDS:
         raise UserError(f"unknown plot kind {kind!r}: choose one of {', '.join(KINDS)}")
     rows = report.rows()
     if not rows:
         raise UserError("nothing to plot: no logs")
     if kind == "coselect":
-        return plot_coselect(report, out, sort=sort, force=force)
+        return coselect_figure(report, sort=sort)
     if kind == "heatmap" or len(rows) > 1:
-        return plot_layer_heatmap(report, out, sort=sort, force=force)
-    return plot_expert_hist(rows[0][0], rows[0][1], out, sort=sort, force=force)
+        return heatmap_figure(report, sort=sort)
+    return hist_figure(rows[0][0], rows[0][1], sort=sort)
+
+
+def save(fig: Figure, out: Path, *, force: bool = False) -> Path:
+    """Write ``fig`` to ``out`` as a PNG, never clobbering without ``force``, never half-written."""
+    check_writable(out, force)
+    with replacing(out, force=force) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    return out
+
+
+def _by_load(load: np.ndarray) -> np.ndarray:
+    """Expert indices, most loaded first; ties go to the lower id."""
+    return np.lexsort((np.arange(load.size), -load))
+
+
+def _width(num_experts: int, margin: float) -> float:
+    """Figure width in inches: 0.2 in per expert plus ``margin``, within 8..40 in."""
+    return min(max(8.0, 0.2 * num_experts + margin), 40.0)
 
 
 def _expert_ticks(ax: Axes, labels: list[int], axis: str = "x") -> None:
@@ -75,23 +94,35 @@ def _expert_ticks(ax: Axes, labels: list[int], axis: str = "x") -> None:
         ax.set_yticks(pos, text, fontsize=size)
 
 
-def plot_expert_hist(
-    log: LogAnalysis, layer: LayerAnalysis, out: Path, *, sort: bool = False, force: bool = False
-) -> Path:
+# --------------------------------------------------------------------------- histogram
+
+
+def hist_figure(log: LogAnalysis, layer: LayerAnalysis, *, sort: bool = False) -> Figure:
     """Selections per expert (stacked by phase when the log has phases), the uniform share as a
     line, the top experts annotated, and the headline numbers in the title."""
     s = layer.stats
-    e = s.num_experts
     counts = np.array(s.counts, dtype=np.float64)
-    order = np.lexsort((np.arange(e), -counts)) if sort else np.arange(e)
-    width = min(max(8.0, 0.2 * e + 2.5), 40.0)
-    fig = Figure(figsize=(width, 5.2), layout="constrained")
+    order = _by_load(counts) if sort else np.arange(s.num_experts)
+    fig = Figure(figsize=(_width(s.num_experts, 2.5), 5.2), layout="constrained")
     ax = fig.subplots()
-    x = np.arange(e)
+    _phase_bars(ax, layer, order)
+    if s.selections:
+        _uniform_line(ax, s)
+        _annotate_top(ax, s, order)
+        ax.set_ylim(0, counts.max() * 1.3)
+        _share_axis(ax, s.selections)
+    _hist_axes(ax, log, layer, order, sort)
+    _contamination_warning(ax, log)
+    return fig
+
+
+def _phase_bars(ax: Axes, layer: LayerAnalysis, order: np.ndarray) -> None:
+    """One bar per expert in ``order``, stacked by phase when the log has phases."""
     parts = {name: np.array(p.counts, np.float64) for name, p in layer.by_phase.items()}
     if not parts:
-        parts = {"all": counts}
-    bottom = np.zeros(e)
+        parts = {"all": np.array(layer.stats.counts, np.float64)}
+    x = np.arange(order.size)
+    bottom = np.zeros(order.size)
     for name, c in parts.items():
         ax.bar(
             x,
@@ -103,46 +134,66 @@ def plot_expert_hist(
             edgecolor="none",
         )
         bottom += c[order]
-    if s.selections:
-        uniform = s.selections / e
-        ax.axhline(
-            uniform,
-            color="#C44E52",
-            linestyle="--",
-            linewidth=1.2,
-            label=f"uniform share (1/{e} = {100 / e:.2f}%)",
+
+
+def _uniform_line(ax: Axes, s: ExpertStats) -> None:
+    e = s.num_experts
+    ax.axhline(
+        s.selections / e,
+        color=ACCENT_COLOR,
+        linestyle="--",
+        linewidth=1.2,
+        label=f"uniform share (1/{e} = {100 / e:.2f}%)",
+    )
+
+
+def _annotate_top(ax: Axes, s: ExpertStats, order: np.ndarray) -> None:
+    """'expert: share' above each top expert's bar."""
+    where = {int(exp): i for i, exp in enumerate(order)}
+    for t in s.top:
+        ax.annotate(
+            f"{t.expert}: {100 * t.share:.1f}%",
+            (where[t.expert], t.count),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            rotation=90,
+            fontsize=8,
+            fontweight="bold",
         )
-        where = {int(exp): i for i, exp in enumerate(order)}
-        for t in s.top:
-            ax.annotate(
-                f"{t.expert}: {100 * t.share:.1f}%",
-                (where[t.expert], counts[t.expert]),
-                xytext=(0, 3),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                rotation=90,
-                fontsize=8,
-                fontweight="bold",
-            )
-        ax.set_ylim(0, counts.max() * 1.3)
-        share = ax.secondary_yaxis(
-            "right", functions=(lambda c: 100 * c / s.selections, lambda p: p * s.selections / 100)
-        )
-        share.set_ylabel("share of selections (%)")
+
+
+def _share_axis(ax: Axes, selections: int) -> None:
+    """A right-hand axis reading the same bars as % of all selections."""
+    share = ax.secondary_yaxis(
+        "right", functions=(lambda c: 100 * c / selections, lambda p: p * selections / 100)
+    )
+    share.set_ylabel("share of selections (%)")
+
+
+def _hist_axes(
+    ax: Axes, log: LogAnalysis, layer: LayerAnalysis, order: np.ndarray, sort: bool
+) -> None:
+    """Ticks, labels, legend, grid and the title with the headline numbers."""
+    s = layer.stats
     _expert_ticks(ax, [int(i) for i in order])
-    ax.set_xlim(-0.7, e - 0.3)
+    ax.set_xlim(-0.7, s.num_experts - 0.3)
     ax.set_xlabel("expert id" + (" (sorted by load)" if sort else ""))
     ax.set_ylabel(f"selections (tokens choosing the expert, top-{log.top_k})")
     ax.legend(loc="upper right", fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    title = (
-        f"{log.model_id} | layer {layer.layer} | {s.tokens:,} tokens, top-{log.top_k} of {e} "
-        f"experts\nentropy {s.entropy_bits:.2f} of {s.max_entropy_bits:.2f} bits "
-        f"({100 * s.entropy_ratio:.1f}%), max/mean load {s.max_over_mean:.2f}"
+    ax.set_title(
+        f"{log.model_id} | layer {layer.layer} | {s.tokens:,} tokens, top-{log.top_k} of "
+        f"{s.num_experts} experts\nentropy {s.entropy_bits:.2f} of {s.max_entropy_bits:.2f} bits "
+        f"({100 * s.entropy_ratio:.1f}%), max/mean load {s.max_over_mean:.2f}",
+        fontsize=11,
     )
-    ax.set_title(title, fontsize=11)
+
+
+def _contamination_warning(ax: Axes, log: LogAnalysis) -> None:
+    """A red line in the corner when the numbers include suspect records."""
     c = log.contamination
     if c.suspicious and not log.excluded:
         ax.text(
@@ -150,30 +201,23 @@ def plot_expert_hist(
             0.97,
             f"warning: {100 * c.suspect_share:.0f}% of records look like dummy/warm-up batches",
             transform=ax.transAxes,
-            color="#C44E52",
+            color=ACCENT_COLOR,
             fontsize=9,
             va="top",
         )
-    return _save(fig, out, force)
 
 
-def plot_layer_heatmap(
-    report: AnalysisReport, out: Path, *, sort: bool = False, force: bool = False
-) -> Path:
+# --------------------------------------------------------------------------- heatmaps
+
+
+def heatmap_figure(report: AnalysisReport, *, sort: bool = False) -> Figure:
     """One row per (log, layer), one column per expert, colour = share of selections."""
     rows = report.rows()
-    e = max(la.stats.num_experts for _, la in rows)
-    several = len(report.logs) > 1
-    grid = np.zeros((len(rows), e))
-    labels = []
-    for r, (log, la) in enumerate(rows):
-        d = np.array(la.stats.distribution)
-        grid[r, : d.size] = 100 * d
-        labels.append(f"{Path(log.path).stem} L{la.layer}" if several else f"layer {la.layer}")
-    order = np.lexsort((np.arange(e), -grid.sum(axis=0))) if sort else np.arange(e)
-    width = min(max(8.0, 0.2 * e + 3.5), 40.0)
+    grid, labels = _share_grid(report)
+    e = grid.shape[1]
+    order = _by_load(grid.sum(axis=0)) if sort else np.arange(e)
     height = min(max(3.0, 0.32 * len(rows) + 2.0), 30.0)
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(_width(e, 3.5), height), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(grid[:, order], aspect="auto", cmap="viridis", interpolation="nearest")
     _expert_ticks(ax, [int(i) for i in order])
@@ -182,12 +226,24 @@ def plot_layer_heatmap(
     fig.colorbar(im, ax=ax, label=f"share of selections (%); uniform = {100 / e:.2f}%", pad=0.01)
     models = sorted({log.model_id for log, _ in rows})
     ax.set_title(f"expert load per layer: {', '.join(models)}", fontsize=11)
-    return _save(fig, out, force)
+    return fig
 
 
-def plot_coselect(
-    report: AnalysisReport, out: Path, *, sort: bool = False, force: bool = False
-) -> Path:
+def _share_grid(report: AnalysisReport) -> tuple[np.ndarray, list[str]]:
+    """(rows x experts) % of selections per (log, layer), zero-padded to the widest layer, and
+    a label per row."""
+    rows = report.rows()
+    several = len(report.logs) > 1
+    grid = np.zeros((len(rows), max(la.stats.num_experts for _, la in rows)))
+    labels = []
+    for r, (log, la) in enumerate(rows):
+        d = np.array(la.stats.distribution)
+        grid[r, : d.size] = 100 * d
+        labels.append(f"{Path(log.path).stem} L{la.layer}" if several else f"layer {la.layer}")
+    return grid, labels
+
+
+def coselect_figure(report: AnalysisReport, *, sort: bool = False) -> Figure:
     """Expert x expert: share of tokens that chose both experts (diagonal hidden). Up to six
     (log, layer) rows side by side."""
     rows = [(log, la) for log, la in report.rows() if la.coselection is not None]
@@ -201,25 +257,30 @@ def plot_coselect(
     for ax in axes.ravel()[len(rows) :]:
         ax.axis("off")
     for ax, (log, la) in zip(axes.ravel(), rows, strict=False):
-        s = la.stats
-        m = la.coselection.astype(np.float64)
-        e = m.shape[0]
-        order = np.lexsort((np.arange(e), -np.diag(m))) if sort else np.arange(e)
-        share = 100 * m / max(s.tokens, 1)
-        np.fill_diagonal(share, np.nan)
-        share = share[np.ix_(order, order)]
-        im = ax.imshow(share, cmap="magma", interpolation="nearest")
-        _expert_ticks(ax, [int(i) for i in order], "x")
-        _expert_ticks(ax, [int(i) for i in order], "y")
-        ax.set_xlabel("expert id" + (" (sorted by load)" if sort else ""))
-        ax.set_ylabel("expert id")
-        fig.colorbar(im, ax=ax, label="% of tokens choosing both", shrink=0.85, pad=0.01)
-        top = s.top_pairs[0] if s.top_pairs else None
-        pair = (
-            f"\ntop pair {top.experts[0]}+{top.experts[1]}: {100 * top.share:.1f}% of tokens, "
-            f"lift {top.lift:.2f}"
-            if top
-            else ""
-        )
-        ax.set_title(f"{log.model_id} | layer {la.layer} | {s.tokens:,} tokens{pair}", fontsize=10)
-    return _save(fig, out, force)
+        _coselect_panel(fig, ax, log, la, sort)
+    return fig
+
+
+def _coselect_panel(fig: Figure, ax: Axes, log: LogAnalysis, la: LayerAnalysis, sort: bool) -> None:
+    s = la.stats
+    assert la.coselection is not None
+    m = la.coselection.astype(np.float64)
+    e = m.shape[0]
+    order = _by_load(np.diag(m)) if sort else np.arange(e)
+    share = 100 * m / max(s.tokens, 1)
+    np.fill_diagonal(share, np.nan)
+    share = share[np.ix_(order, order)]
+    im = ax.imshow(share, cmap="magma", interpolation="nearest")
+    _expert_ticks(ax, [int(i) for i in order], "x")
+    _expert_ticks(ax, [int(i) for i in order], "y")
+    ax.set_xlabel("expert id" + (" (sorted by load)" if sort else ""))
+    ax.set_ylabel("expert id")
+    fig.colorbar(im, ax=ax, label="% of tokens choosing both", shrink=0.85, pad=0.01)
+    top = s.top_pairs[0] if s.top_pairs else None
+    pair = (
+        f"\ntop pair {top.experts[0]}+{top.experts[1]}: {100 * top.share:.1f}% of tokens, "
+        f"lift {top.lift:.2f}"
+        if top
+        else ""
+    )
+    ax.set_title(f"{log.model_id} | layer {la.layer} | {s.tokens:,} tokens{pair}", fontsize=10)

@@ -1,13 +1,14 @@
 """Streaming reader for moeprof logs: constant memory, numpy chunks out, pydantic as the judge.
 
-Why three paths: pydantic (``schema.parse_route``) is the definition of a valid route but costs
-microseconds a record, too slow for logs of tens of millions of routes. So the file is read in
-big byte blocks, and each block goes down the first path that takes it:
+Why three decoders: pydantic (``schema.parse_route``) is the definition of a valid route but
+costs microseconds a record, too slow for logs of tens of millions of routes. So the file is read
+in big byte blocks, and each block goes to the first decoder that takes it:
 
-1. :mod:`moeprof.analysis.fastparse` parses lines in the hook's exact byte layout with numpy,
-   all lines of a block at once and no Python object per record. Lines it does not recognise
-   (another key order, spaces, escapes, unusual numbers) are decoded by msgspec below and put
-   back in place; if msgspec cannot take them either, the whole block goes down to path 2.
+1. the vectorised byte parser, :mod:`moeprof.analysis.fastparse`, parses lines in the hook's
+   exact byte layout with numpy, all lines of a block at once and no Python object per record.
+   Lines it does not recognise (another key order, spaces, escapes, unusual numbers) are decoded
+   by msgspec below and put back in place; if msgspec cannot take them either, the whole block
+   goes to msgspec.
 2. msgspec decodes the block in one call into structs shaped from the meta (fixed-length
    id/weight tuples and the logged layers as literals, so a wrong ``top_k`` or layer fails at
    decode time), and the remaining rules (distinct ids, id range, finite weights) are checked
@@ -16,9 +17,10 @@ big byte blocks, and each block goes down the first path that takes it:
 3. small remainders are parsed line by line with pydantic, so problems carry exact line numbers
    and pydantic's own reasons while a few bad lines do not slow down the rest of the file.
 
-Paths 1 and 2 are written to be at most as permissive as the schema, and to yield bit-identical
-values: anything they are unsure of goes one path down. :data:`FAST_PATHS` switches paths off
-(tests compare them).
+Decoders 1 and 2 are written to be at most as permissive as the schema, and to yield
+bit-identical values: anything they are unsure of goes one decoder down. ``open_log(path,
+decoder=...)`` (see :data:`Decoder`) limits which decoders a log may use; tests and benchmarks
+compare them, and ``chunks(on_decoded=...)`` tells which decoder read which lines.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, BinaryIO, Literal
+from typing import Annotated, BinaryIO, Literal, get_args
 
 import msgspec
 import numpy as np
@@ -41,29 +43,32 @@ from pydantic import ValidationError
 from moeprof import schema
 from moeprof.analysis import fastparse
 from moeprof.errors import UserError
+from moeprof.schema import NO_PHASE, PHASES
 
 BLOCK_BYTES = 4 << 20
 """Bytes read per block; also the longest line accepted (a route line is ~200 bytes)."""
 MAX_FAST_TOP_K = 256
-"""Beyond this the fast path's fixed-length tuple types get silly; such logs go line by line."""
-SLOW_LINES = 64
-"""Blocks the fast path rejects are halved down to this many lines, then parsed by pydantic."""
+"""Beyond this the byte parser's and msgspec's fixed-length types get silly; such logs go to
+pydantic, line by line."""
+PYDANTIC_LINES = 64
+"""Blocks msgspec rejects are halved down to this many lines, then parsed by pydantic."""
+SLOW_LINES = PYDANTIC_LINES
+"""Old name of :data:`PYDANTIC_LINES` (tests/test_validate.py still imports it)."""
 SUB_BLOCK_LINES = 8192
 """Lines the vectorized parser takes at once: its temporaries then stay in the CPU caches."""
 MAX_ODD_SHARE = 0.25
 """A block with more lines than this outside the hook's layout goes to msgspec whole."""
 SKIP_BLOCKS = 8
 """After such a block, the next this many go straight to msgspec (a log by another writer)."""
-FAST_PATHS = {"vector": True, "msgspec": True}
-"""Which fast paths the reader may use (pydantic is always there); for tests and benchmarks."""
 
-PHASES: tuple[str, ...] = ("prefill", "decode")
-"""Phase codes in chunks: index into this tuple; -1 where the record has no phase."""
-NO_PHASE = -1
-_PHASE_CODE: dict[str | None, int] = {None: NO_PHASE, "prefill": 0, "decode": 1}
-_INT64_MAX = (1 << 63) - 1
+Decoder = Literal["auto", "msgspec", "pydantic"]
+"""Which decoders a :class:`RouteLog` may use: ``"auto"`` (the default) the vectorised byte
+parser, then msgspec, then pydantic; ``"msgspec"`` msgspec, then pydantic; ``"pydantic"``
+pydantic alone. All give the same chunks and issues, only at different speeds."""
+DECODERS: tuple[Decoder, ...] = get_args(Decoder)
+
+_PHASE_CODE: dict[str | None, int] = {None: NO_PHASE, **{p: i for i, p in enumerate(PHASES)}}
 _LONG_LINE = f"line longer than {BLOCK_BYTES >> 20} MiB: binary data or not a JSON Lines log"
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 Severity = Literal["error", "warning"]
 
@@ -82,6 +87,10 @@ class Issue:
 
 
 IssueSink = Callable[[Issue], None]
+DecodedSink = Callable[[str, int, int], None]
+"""``(decoder, first, count)``: ``decoder`` (``"vector"``, ``"msgspec"`` or ``"pydantic"``) read
+``count`` lines from line ``first`` on. For the lines of a vector block that the byte parser
+handed to msgspec, ``first`` is the first of them and they need not be consecutive."""
 
 
 class LogError(UserError):
@@ -101,7 +110,7 @@ class RouteChunk:
     token_idx: np.ndarray
     """(n,) int64 position of the token in its request."""
     phase: np.ndarray
-    """(n,) int8: index into :data:`PHASES`, or :data:`NO_PHASE`."""
+    """(n,) int8: index into :data:`moeprof.schema.PHASES`, or ``NO_PHASE``."""
     req: np.ndarray
     """(n,) int64 request codes: ``RouteLog.req_ids[code]`` is the req_id string."""
     line: np.ndarray
@@ -141,7 +150,7 @@ class _Views:
 
 
 class _Reject(Exception):
-    """The fast path declines a block; pydantic will look at it."""
+    """msgspec declines a block: it is halved, or handed to pydantic."""
 
 
 @contextmanager
@@ -169,7 +178,7 @@ def _route_struct(k: int, layers: list[int]) -> type[msgspec.Struct]:
             ("layer", Literal[tuple(layers)]),  # type: ignore[valid-type]
             ("topk_ids", tuple[(int,) * k]),  # type: ignore[misc]
             ("topk_weights", tuple[(float,) * k]),  # type: ignore[misc]
-            ("phase", Literal["prefill", "decode"] | None, None),
+            ("phase", schema.Phase | None, None),
         ],
         gc=False,
     )
@@ -289,24 +298,31 @@ class RouteLog:
         meta_issue: Issue | None,
         routes_offset: int,
         routes_first_line: int,
+        decoder: Decoder = "auto",
     ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
         self.path = path
         self.meta = meta
         self.meta_issue = meta_issue
         """Why line 1 is not a usable meta (None when it is)."""
+        self.decoder: Decoder = decoder
         self._offset = routes_offset
         self._first_line = routes_first_line
         self._codes = _Codes()
         self._scratch = np.empty(0, bool)
         self.lines_read = routes_first_line - 1
         """Lines seen so far (meta included); final after a complete pass."""
-        self._decoder: msgspec.json.Decoder | None = None
+        self._msgspec: msgspec.json.Decoder | None = None
         self._parser: fastparse.BlockParser | None = None
         self._skip_vector = 0
         """Blocks left before the vectorized parser is tried again."""
+        self._on_decoded: DecodedSink | None = None
         if meta is not None:
-            if meta.top_k <= MAX_FAST_TOP_K:
-                self._decoder = msgspec.json.Decoder(_route_struct(meta.top_k, meta.layers_logged))
+            if meta.top_k <= MAX_FAST_TOP_K and decoder != "pydantic":
+                struct = _route_struct(meta.top_k, meta.layers_logged)
+                self._msgspec = msgspec.json.Decoder(struct)
+            if meta.top_k <= MAX_FAST_TOP_K and decoder == "auto":
                 self._parser = fastparse.BlockParser(
                     meta.top_k, meta.layers_logged, meta.num_experts
                 )
@@ -343,19 +359,25 @@ class RouteLog:
         if self.meta is None:
             raise ValueError("log has no meta")
         meta = self.meta.model_copy(update={"num_experts": num_experts})
-        return RouteLog(self.path, meta, self.meta_issue, self._offset, self._first_line)
+        return RouteLog(
+            self.path, meta, self.meta_issue, self._offset, self._first_line, self.decoder
+        )
 
     # ------------------------------------------------------------------ reading
 
-    def chunks(self, on_issue: IssueSink | None = None) -> Iterator[RouteChunk]:
+    def chunks(
+        self, on_issue: IssueSink | None = None, *, on_decoded: DecodedSink | None = None
+    ) -> Iterator[RouteChunk]:
         """Yield the valid routes chunk by chunk; report every bad line to ``on_issue``.
 
         Without ``on_issue`` the first error raises :class:`LogError` (warnings are dropped).
         Without a meta, lines are only checked (pydantic, no meta rules) and nothing is yielded.
+        ``on_decoded`` hears which decoder read which lines (see :data:`DecodedSink`).
         """
         sink = on_issue or self._raise_errors
         line = self._first_line
         self._skip_vector = 0
+        self._on_decoded = on_decoded
         try:
             f = self.path.open("rb")
         except OSError as e:
@@ -388,7 +410,7 @@ class RouteLog:
                     line += 1
                     skipping = False
                 if start < end:
-                    line += yield from self._span(buf, views, start, end, line, sink)
+                    line += yield from self._decode_span(buf, views, start, end, line, sink)
                 tail = fill - end
                 buf[:tail] = buf[end:fill]
                 fill = tail
@@ -403,75 +425,107 @@ class RouteLog:
         if issue.severity == "error":
             raise LogError(issue.format(self.path))
 
-    def _span(
+    def _decoded(self, decoder: str, first: int, count: int) -> None:
+        if self._on_decoded is not None and count:
+            self._on_decoded(decoder, first, count)
+
+    def _decode_span(
         self, buf: bytearray, views: _Views, start: int, end: int, first: int, sink: IssueSink
     ) -> Generator[RouteChunk, None, int]:
         """Lines ``buf[start:end]`` (ending in a newline): the vectorized parser, else msgspec.
         Returns the number of lines consumed."""
-        if self._parser is not None and FAST_PATHS["vector"]:
+        if self._parser is not None:
             if self._skip_vector:
                 self._skip_vector -= 1
             else:
-                chunk = self._vector(buf, views, start, end, first)
+                chunk = self._decode_vector(buf, views, start, end, first)
                 if chunk is not None:
                     if len(chunk):
                         yield chunk
                     return len(chunk)
-        return (yield from self._span_msgspec(buf, start, end, first, sink))
+        return (yield from self._decode_span_msgspec(buf, start, end, first, sink))
 
-    def _span_msgspec(
+    def _decode_span_msgspec(
         self, buf: bytearray, start: int, end: int, first: int, sink: IssueSink
     ) -> Generator[RouteChunk, None, int]:
         """Lines ``buf[start:end]`` (ending in a newline): msgspec, else halve, else pydantic.
         Returns the number of lines consumed."""
-        if self._decoder is not None and FAST_PATHS["msgspec"]:
+        if self._msgspec is not None:
             data = memoryview(buf)[start:end]
             nlines = _one_object_per_line(data, self._scratch)
             if nlines is not None:
                 try:
-                    chunk = self._fast(data, first, nlines)
+                    chunk = self._decode_msgspec(data, first, nlines)
                 except _Reject:
                     pass
                 else:
+                    self._decoded("msgspec", first, nlines)
                     if len(chunk):
                         yield chunk
                     return nlines
         nlines = buf.count(b"\n", start, end)
-        if nlines > SLOW_LINES and self._decoder is not None and FAST_PATHS["msgspec"]:
+        if nlines > PYDANTIC_LINES and self._msgspec is not None:
             mid = buf.find(b"\n", start + (end - start) // 2, end) + 1
             if mid == end:
                 mid = buf.rfind(b"\n", start, end - 1) + 1
             if start < mid < end:
-                left = yield from self._span_msgspec(buf, start, mid, first, sink)
-                right = yield from self._span_msgspec(buf, mid, end, first + left, sink)
+                left = yield from self._decode_span_msgspec(buf, start, mid, first, sink)
+                right = yield from self._decode_span_msgspec(buf, mid, end, first + left, sink)
                 return left + right
         lines = bytes(buf[start:end]).split(b"\n")[:-1]
-        chunk = self._slow(lines, first, sink)
+        chunk = self._decode_pydantic(lines, first, sink)
         if chunk is not None and len(chunk):
             yield chunk
         return nlines
 
-    def _vector(
+    # ------------------------------------------------------------------ the byte parser
+
+    def _decode_vector(
         self, buf: bytearray, views: _Views, start: int, end: int, first: int
     ) -> RouteChunk | None:
         """All lines of ``buf[start:end]`` as one chunk, parsed by :mod:`fastparse`; lines it
         does not recognise are decoded by msgspec and put in their place. None when either
         declines (the caller then takes the msgspec path for the whole block)."""
-        parser = self._parser
-        assert parser is not None
-        words, rows = views.words, views.rows
         ends = fastparse.line_bounds(views.bytes, start, end, self._scratch)
-        n, k = ends.size, parser.k
-        starts = np.empty(n, np.int64)
+        starts = np.empty(ends.size, np.int64)
         starts[0] = start
         starts[1:] = ends[:-1] + 1
+        parts = self._parse_sub_blocks(views, starts, ends)
+        if parts is None:
+            return None
+        ok = np.concatenate([p.ok for _, p in parts]) if len(parts) > 1 else parts[0][1].ok
+        odd = np.flatnonzero(~ok)
+        base = len(self._codes.names)
+        other: RouteChunk | None = None
+        if odd.size:
+            other = self._decode_odd_lines(buf, starts, ends, odd, first)
+            if other is None:
+                return None
+        cols = self._parsed_columns(buf, starts, parts)
+        if other is not None:
+            for name, col in cols.items():
+                col[odd] = getattr(other, name)
+            cols["req"] = self._first_seen(cols["req"], base)
+            self._decoded("msgspec", int(other.line[0]), len(other))
+        n = starts.size
+        self._decoded("vector", first, n)
+        return RouteChunk(**cols, line=np.arange(first, first + n, dtype=np.int64))
+
+    def _parse_sub_blocks(
+        self, views: _Views, starts: np.ndarray, ends: np.ndarray
+    ) -> list[tuple[int, fastparse.Parsed]] | None:
+        """The byte parser over the lines ``SUB_BLOCK_LINES`` at a time: (first row, result)
+        each. None when a sub-block is not in the hook's layout, or too many lines are not (the
+        parser then rests for ``SKIP_BLOCKS`` blocks)."""
+        parser = self._parser
+        assert parser is not None
+        n = starts.size
         parts: list[tuple[int, fastparse.Parsed]] = []
         odd_lines = 0
         try:
             for s in range(0, n, SUB_BLOCK_LINES):
-                p = parser.parse(
-                    words, rows, starts[s : s + SUB_BLOCK_LINES], ends[s : s + SUB_BLOCK_LINES]
-                )
+                e = s + SUB_BLOCK_LINES
+                p = parser.parse(views.words, views.rows, starts[s:e], ends[s:e])
                 if p is not None:
                     odd_lines += p.ok.size - int(np.count_nonzero(p.ok))
                 if p is None or odd_lines > MAX_ODD_SHARE * n:
@@ -480,20 +534,28 @@ class RouteLog:
                 parts.append((s, p))
         except IndexError:  # the buffer is padded so that this cannot happen; never fail a read
             return None
-        ok = np.concatenate([p.ok for _, p in parts]) if len(parts) > 1 else parts[0][1].ok
-        odd = np.flatnonzero(~ok)
-        base = len(self._codes.names)
-        other: RouteChunk | None = None
-        if odd.size:
-            if self._decoder is None or not FAST_PATHS["msgspec"]:
-                return None
-            data = memoryview(b"".join([buf[starts[i] : ends[i] + 1] for i in odd.tolist()]))
-            if _one_object_per_line(data, self._scratch) != odd.size:
-                return None
-            try:
-                other = self._fast(data, first, odd.size, odd + first)
-            except _Reject:
-                return None
+        return parts
+
+    def _decode_odd_lines(
+        self, buf: bytearray, starts: np.ndarray, ends: np.ndarray, odd: np.ndarray, first: int
+    ) -> RouteChunk | None:
+        """The rows ``odd`` of a block (its first line numbered ``first``) that the byte parser
+        did not recognise, decoded by msgspec; None when msgspec declines them."""
+        if self._msgspec is None:
+            return None
+        data = memoryview(b"".join([buf[starts[i] : ends[i] + 1] for i in odd.tolist()]))
+        if _one_object_per_line(data, self._scratch) != odd.size:
+            return None
+        try:
+            return self._decode_msgspec(data, first, odd.size, odd + first)
+        except _Reject:
+            return None
+
+    def _parsed_columns(
+        self, buf: bytearray, starts: np.ndarray, parts: list[tuple[int, fastparse.Parsed]]
+    ) -> dict[str, np.ndarray]:
+        """The byte parser's results as chunk columns (rows it did not recognise: garbage)."""
+        n, k = starts.size, parts[0][1].ids.shape[0]
         cols = {
             "ids": np.empty((n, k), np.int64),
             "weights": np.empty((n, k), np.float32),
@@ -509,18 +571,18 @@ class RouteLog:
             for name in ("token_idx", "layer", "phase"):
                 cols[name][s:e] = getattr(p, name)
             if p.rid_first.size:
-                at = (starts[s + p.rid_first] + fastparse.RID_OFFSET).tolist()
-                size = p.rid_len[p.rid_first].tolist()
-                codes = [
-                    self._codes[buf[i : i + m].decode("ascii")]
-                    for i, m in zip(at, size, strict=True)
-                ]
-                cols["req"][s:e] = np.asarray(codes, np.int64)[p.rid_inverse]
-        if other is not None:
-            for name, col in cols.items():
-                col[odd] = getattr(other, name)
-            cols["req"] = self._first_seen(cols["req"], base)
-        return RouteChunk(**cols, line=np.arange(first, first + n, dtype=np.int64))
+                codes = self._request_codes(buf, starts[s + p.rid_first], p.rid_len[p.rid_first])
+                cols["req"][s:e] = codes[p.rid_inverse]
+        return cols
+
+    def _request_codes(self, buf: bytearray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """The codes of the request ids of the lines at ``starts`` (ids ``sizes`` bytes long)."""
+        at = (starts + fastparse.RID_OFFSET).tolist()
+        codes = [
+            self._codes[buf[i : i + m].decode("ascii")]
+            for i, m in zip(at, sizes.tolist(), strict=True)
+        ]
+        return np.asarray(codes, np.int64)
 
     def _first_seen(self, req: np.ndarray, base: int) -> np.ndarray:
         """Renumber the request codes added since there were ``base`` (all of them used in
@@ -542,7 +604,9 @@ class RouteLog:
         req[fresh] = remap[req[fresh] - base]
         return req
 
-    def _fast(
+    # ------------------------------------------------------------------ msgspec
+
+    def _decode_msgspec(
         self, data: memoryview, first: int, nlines: int, lines: np.ndarray | None = None
     ) -> RouteChunk:
         """msgspec on ``nlines`` lines numbered from ``first`` (or numbered ``lines``)."""
@@ -550,11 +614,11 @@ class RouteLog:
         assert meta is not None
         n, k = nlines, meta.top_k
         with _gc_paused():
-            ids, w64, token_idx, layer, phase, req_names = self._columns(data, n, k)
+            ids, w64, token_idx, layer, phase, req_names = self._msgspec_columns(data, n, k)
         ids = ids.reshape(n, k)
-        if not self._ids_ok(ids):
+        if not schema.ids_valid(ids, meta.num_experts).all():
             raise _Reject
-        if not (np.isfinite(w64).all() and np.abs(w64).max(initial=0.0) <= _FLOAT32_MAX):
+        if not schema.weights_valid(w64).all():
             raise _Reject
         req = np.fromiter(map(self._codes.__getitem__, req_names), np.int64, n)
         return RouteChunk(
@@ -567,18 +631,18 @@ class RouteLog:
             line=np.arange(first, first + n, dtype=np.int64) if lines is None else lines,
         )
 
-    def _columns(self, data: memoryview, n: int, k: int) -> tuple[np.ndarray, ...]:
+    def _msgspec_columns(self, data: memoryview, n: int, k: int) -> tuple[np.ndarray, ...]:
         """Decode ``n`` lines with msgspec and turn the records into columns. Runs with the GC
         paused and drops the records before returning, so no collection ever scans them."""
         if not _utf8(data):
             raise _Reject
         try:
-            recs = self._decoder.decode_lines(data)  # type: ignore[union-attr]
+            recs = self._msgspec.decode_lines(data)  # type: ignore[union-attr]
         except (msgspec.DecodeError, ValueError) as e:
             raise _Reject from e
         if len(recs) != n:  # a line holding two records
             raise _Reject
-        try:
+        try:  # int64 columns: an integer beyond 64 bits overflows
             ids = np.fromiter(chain.from_iterable(map(_get("topk_ids"), recs)), np.int64, n * k)
             w64 = np.fromiter(
                 chain.from_iterable(map(_get("topk_weights"), recs)), np.float64, n * k
@@ -595,27 +659,13 @@ class RouteLog:
         del recs
         return ids, w64, token_idx, layer, phase, req_names
 
-    def _ids_ok(self, ids: np.ndarray) -> bool:
-        meta = self.meta
-        assert meta is not None
-        if ids.size == 0:
-            return True
-        if ids.min() < 0:
-            return False
-        if meta.num_experts is not None and ids.max() >= meta.num_experts:
-            return False
-        k = ids.shape[1]
-        if k <= 8:
-            for a in range(k):
-                for b in range(a + 1, k):
-                    if (ids[:, a] == ids[:, b]).any():
-                        return False
-            return True
-        s = np.sort(ids, axis=1)
-        return not (s[:, 1:] == s[:, :-1]).any()
+    # ------------------------------------------------------------------ pydantic
 
-    def _slow(self, lines: list[bytes], first: int, sink: IssueSink) -> RouteChunk | None:
-        """pydantic, line by line: the reference behaviour, used where the fast path declines."""
+    def _decode_pydantic(
+        self, lines: list[bytes], first: int, sink: IssueSink
+    ) -> RouteChunk | None:
+        """pydantic, line by line: the reference behaviour, used where the others decline."""
+        self._decoded("pydantic", first, len(lines))
         good: list[tuple[int, schema.RouteRecord]] = []
         for i, raw in enumerate(lines):
             rec = self._check_line(raw, first + i, sink)
@@ -631,12 +681,9 @@ class RouteLog:
         except ValidationError as e:
             sink(Issue(lineno, _route_reason(raw, e)))
             return None
-        big = [rec.token_idx, rec.layer, *rec.topk_ids]
-        if max(big) > _INT64_MAX:
-            sink(Issue(lineno, "an integer field exceeds 64 bits"))
-            return None
-        if any(abs(w) > _FLOAT32_MAX for w in rec.topk_weights):
-            sink(Issue(lineno, "topk_weights has a value beyond float32 range"))
+        problem = schema.range_problem(rec.token_idx, rec.layer, rec.topk_ids, rec.topk_weights)
+        if problem:
+            sink(Issue(lineno, problem))
             return None
         return rec
 
@@ -655,6 +702,7 @@ class RouteLog:
 
     def _last_line(self, raw: bytes, lineno: int, sink: IssueSink) -> Iterator[RouteChunk]:
         """A final line without a newline: fine if complete (warned), else a truncated write."""
+        self._decoded("pydantic", lineno, 1)
         try:
             schema.parse_route(raw, self.meta)
         except ValidationError as e:
@@ -667,12 +715,13 @@ class RouteLog:
             yield self._records_chunk([(lineno, rec)])
 
 
-def open_log(path: str | Path, *, require_meta: bool = True) -> RouteLog:
+def open_log(path: str | Path, *, require_meta: bool = True, decoder: Decoder = "auto") -> RouteLog:
     """Open a log and read its meta line.
 
     Raises :class:`LogError` when the file is missing or unreadable, and, with ``require_meta``,
     when line 1 is not a valid meta record (an empty file included). Without ``require_meta``
-    such a log opens with ``meta=None`` and the reason in ``meta_issue``.
+    such a log opens with ``meta=None`` and the reason in ``meta_issue``. ``decoder`` limits
+    the decoders its passes use (:data:`Decoder`; the default is the fastest that applies).
     """
     path = Path(path)
     try:
@@ -700,10 +749,10 @@ def open_log(path: str | Path, *, require_meta: bool = True) -> RouteLog:
             issue = Issue(1, _meta_reason(first, e))
             if issue.message == _MISSING_META:
                 routes_offset, routes_line = 0, 1  # check line 1 as a route as well
-        if meta is not None and max(meta.layers_logged) > _INT64_MAX:
+        if meta is not None and max(meta.layers_logged) > schema.INT64_MAX:
             meta, issue = None, Issue(1, "layers_logged has a layer number beyond 64 bits")
     if issue is not None and require_meta:
         raise LogError(issue.format(path))
     if meta is not None and not first.endswith(b"\n"):
         issue = Issue(1, "meta line has no trailing newline and the log has no routes", "warning")
-    return RouteLog(path, meta, issue, routes_offset, routes_line)
+    return RouteLog(path, meta, issue, routes_offset, routes_line, decoder)

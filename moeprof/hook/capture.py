@@ -10,14 +10,13 @@ Invariants:
     - Every forward, dummy or real, overwrites rows ``[:n]``; padding rows beyond the real
       tokens hold garbage. Only the host side, which knows the real token count of a real
       step, decides which rows are read (see ``collector.py``).
-    - Ids are the logical expert ids returned by ``_compute_routing``, before any EPLB
-      logical-to-physical mapping.
+    - Ids are the logical expert ids the router returns, before any EPLB logical-to-physical
+      mapping (``compat.tap_routing`` says where they come from).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -59,14 +58,12 @@ class RouteCapture:
     def __init__(self, max_tokens: int, top_k: int, device: torch.device) -> None:
         self.rows = torch.zeros((max_tokens, 2 * top_k), dtype=torch.int32, device=device)
 
-    def attach(self, router: Any) -> None:
-        """Wrap the router's ``_compute_routing`` on the instance; the class stays untouched."""
-        compute: Callable[..., tuple[torch.Tensor, torch.Tensor]] = router._compute_routing
+    def tap(self) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """What the router calls with its ``topk_ids``/``topk_weights`` (see
+        :func:`moeprof.hook.compat.tap_routing`): the capture operator on this buffer."""
         rows = self.rows
 
-        def _compute_routing_and_capture(*args: Any, **kwargs: Any):
-            topk_weights, topk_ids = compute(*args, **kwargs)
+        def capture(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
             torch.ops.moeprof.capture_routes(rows, topk_ids, topk_weights)
-            return topk_weights, topk_ids
 
-        router._compute_routing = _compute_routing_and_capture
+        return capture

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from moeprof import __version__
+from moeprof.errors import HookRefusal
 from moeprof.hook import compat
 from moeprof.hook.capture import RouteCapture
 from moeprof.hook.config import ENV_LAYER, HookConfig
 from moeprof.hook.ring import HostRing
-from moeprof.hook.rows import StepBatch
 from moeprof.hook.writer import LogWriter, StepItem
 from moeprof.schema import meta_dict
 
@@ -39,7 +39,13 @@ def ring_rows(max_tokens: int) -> int:
 
 
 class StepCollector:
-    def __init__(self, capture: RouteCapture, writer: LogWriter, device: torch.device) -> None:
+    def __init__(
+        self,
+        capture: RouteCapture,
+        writer: LogWriter,
+        device: torch.device,
+        read_step: Callable[[Any], compat.ScheduledStep],
+    ) -> None:
         self.capture = capture
         self.writer = writer
         self.ring = writer.ring
@@ -50,7 +56,7 @@ class StepCollector:
         )
         self._next_event = 0
         self._pending_finished: set[str] = set()
-        self._read_batch: Callable[[int], StepBatch] | None = None
+        self._read_step = read_step
         self.disabled = False
         self.armed = False
         """False until the engine's warm-up is over (see ``install._arm_after_warmup``)."""
@@ -58,114 +64,130 @@ class StepCollector:
 
     @classmethod
     def start(cls, worker: Any, config: HookConfig) -> StepCollector | None:
-        """Check the request against the loaded model, then start capturing (or raise)."""
-        vcfg = worker.vllm_config
-        model_id = vcfg.model_config.model
-        if getattr(vcfg, "speculative_config", None) is not None:
-            raise RuntimeError(
-                "moeprof: speculative decoding routes draft tokens that may be rejected; "
-                "logging it is not supported, run without a speculative config"
-            )
-        layers = compat.moe_layers(worker.model_runner.get_model())
-        pp_size = vcfg.parallel_config.pipeline_parallel_size
-        if config.layer not in layers:
-            if pp_size > 1 and layers:
-                return None  # another pipeline stage holds the layer
-            if not layers:
-                raise RuntimeError(f"moeprof: {model_id} has no MoE layer to log")
-            raise RuntimeError(
-                f"moeprof: {ENV_LAYER}={config.layer} is not an MoE layer of {model_id}; "
-                f"its MoE layers are {_ranges(sorted(layers))}"
-            )
-        router = compat.router_of(layers[config.layer], config.layer)
-        from vllm.distributed import get_tensor_model_parallel_rank
+        """Check the request against the loaded model, then start capturing.
 
-        if get_tensor_model_parallel_rank() != 0:
-            return None  # every TP rank routes the same tokens; rank 0 writes them
-        par = vcfg.parallel_config
-        device = torch.device(worker.model_runner.device)
-        top_k = int(router.top_k)
-        graph_max = getattr(vcfg.compilation_config, "max_cudagraph_capture_size", None) or 0
-        max_tokens = max(vcfg.scheduler_config.max_num_batched_tokens, graph_max)
-        max_tokens *= max(par.data_parallel_size, 1)
-        num_experts = getattr(vcfg.model_config, "get_num_experts", lambda: 0)() or getattr(
-            router, "global_num_experts", None
-        )
-        path = config.path_for_dp_rank(par.data_parallel_rank, par.data_parallel_size)
-        meta = meta_dict(
-            model_id=model_id,
-            vllm_version=compat.vllm_version(),
-            torch_version=torch.__version__,
-            device=compat.device_name(device),
-            seed=vcfg.model_config.seed,
-            layers_logged=[config.layer],
-            top_k=top_k,
-            num_experts=int(num_experts) if num_experts else None,
-            prefix_caching=bool(vcfg.cache_config.enable_prefix_caching),
-            dtype=str(vcfg.model_config.dtype).removeprefix("torch."),
-            enforce_eager=bool(vcfg.model_config.enforce_eager),
-            cudagraph_mode=str(getattr(vcfg.compilation_config, "cudagraph_mode", None)),
-            tensor_parallel_size=par.tensor_parallel_size,
-            data_parallel_rank=par.data_parallel_rank,
-            data_parallel_size=par.data_parallel_size,
-            moeprof_version=__version__,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        )
+        Raises :class:`HookRefusal` when the layer cannot be logged; returns None when this
+        worker has nothing to write (another pipeline stage holds the layer, or it is not
+        tensor-parallel rank 0: every TP rank routes the same tokens, and rank 0 writes them).
+        """
+        facts = compat.engine_facts(worker)
+        refuse_unsupported_engine(facts)
+        router = router_to_log(compat.moe_runners(worker), config.layer, facts)
+        if router is None or facts.tensor_parallel_rank != 0:
+            return None
+        return cls.open(facts, router, config, compat.StepReader(worker))
+
+    @classmethod
+    def open(
+        cls,
+        facts: compat.EngineFacts,
+        router: compat.Router,
+        config: HookConfig,
+        read_step: Callable[[Any], compat.ScheduledStep],
+    ) -> StepCollector:
+        """Open the log, allocate the buffers and tap the router."""
+        path = config.path_for_dp_rank(facts.data_parallel_rank, facts.data_parallel_size)
+        max_tokens = facts.max_router_tokens
         writer = LogWriter(
             path,
-            meta,
+            log_meta(facts, router, config.layer),
             config.layer,
-            top_k,
+            router.top_k,
             compat.external_request_id,
             overwrite=config.overwrite,
-            ring=HostRing(ring_rows(max_tokens), top_k, pin=device.type == "cuda"),
+            ring=HostRing(ring_rows(max_tokens), router.top_k, pin=facts.device.type == "cuda"),
         )
-        capture = RouteCapture(max_tokens, top_k, device)
-        capture.attach(router)
-        logger.info("moeprof: logging MoE layer %d of %s to %s", config.layer, model_id, path)
-        return cls(capture, writer, device)
+        capture = RouteCapture(max_tokens, router.top_k, facts.device)
+        compat.tap_routing(router, capture.tap())
+        logger.info("moeprof: logging MoE layer %d of %s to %s", config.layer, facts.model_id, path)
+        return cls(capture, writer, facts.device, read_step)
 
-    def after_step(self, model_runner: Any, scheduler_output: Any) -> None:
+    def after_step(self, scheduler_output: Any) -> None:
         """Hand a real step's rows to the writer; a failure stops logging, never the engine."""
         if self.disabled or not self.armed:
             return
         try:
-            self._pending_finished.update(scheduler_output.finished_req_ids)
-            num_tokens = scheduler_output.total_num_scheduled_tokens
-            if num_tokens == 0:
+            step = self._read_step(scheduler_output)
+            self._pending_finished.update(step.finished)
+            batch = step.batch
+            if batch is None:
                 return
-            if self._read_batch is None:
-                self._read_batch = compat.step_batch_reader(model_runner)
-            batch = self._read_batch(num_tokens)
             if self.writer.failed:
                 self.disabled = True  # the writer has said why
                 return
-            n = batch.num_tokens
-            start = self.ring.reserve(n, self.writer.wake, RING_WAIT_SEC)
-            row = start % self.ring.capacity
-            event = None
-            if self._rows_np is not None:
-                self.ring.rows_np[row : row + n] = self._rows_np[:n]
-            else:
-                self.ring.rows[row : row + n].copy_(
-                    self.capture.rows[:n], non_blocking=bool(self._events)
-                )
-                if self._events:
-                    event = self._events[self._next_event]
-                    self._next_event = (self._next_event + 1) % NUM_EVENTS
-                    event.record()
+            start = self.ring.reserve(batch.num_tokens, self.writer.wake, RING_WAIT_SEC)
+            event = self._copy_rows(batch.num_tokens, start % self.ring.capacity)
             finished, self._pending_finished = self._pending_finished, set()
-            self.writer.submit(
-                StepItem(batch, start, event, compat.new_prompt_lens(scheduler_output), finished)
-            )
+            self.writer.submit(StepItem(batch, start, event, step.new_prompt_lens, finished))
         except Exception as e:
             self.disabled = True
             logger.error(
                 "moeprof: logging stopped: %s: %s (the engine goes on)", type(e).__name__, e
             )
 
+    def _copy_rows(self, n: int, row: int) -> torch.cuda.Event | None:
+        """Copy the step's first ``n`` captured rows to ring row ``row``; on a GPU, return the
+        event that marks the end of the (non-blocking) copy."""
+        if self._rows_np is not None:
+            self.ring.rows_np[row : row + n] = self._rows_np[:n]
+            return None
+        self.ring.rows[row : row + n].copy_(self.capture.rows[:n], non_blocking=bool(self._events))
+        if not self._events:
+            return None
+        event = self._events[self._next_event]
+        self._next_event = (self._next_event + 1) % NUM_EVENTS
+        event.record()
+        return event
+
     def close(self) -> None:
         self.writer.close()
+
+
+def refuse_unsupported_engine(facts: compat.EngineFacts) -> None:
+    if facts.speculative:
+        raise HookRefusal(
+            "speculative decoding routes draft tokens that may be rejected; "
+            "logging it is not supported, run without a speculative config"
+        )
+
+
+def router_to_log(
+    runners: dict[int, Any], layer: int, facts: compat.EngineFacts
+) -> compat.Router | None:
+    """The router of ``layer``, or None when another pipeline stage holds that layer."""
+    if layer not in runners:
+        if facts.pipeline_parallel_size > 1 and runners:
+            return None
+        if not runners:
+            raise HookRefusal(f"{facts.model_id} has no MoE layer to log")
+        raise HookRefusal(
+            f"{ENV_LAYER}={layer} is not an MoE layer of {facts.model_id}; "
+            f"its MoE layers are {_ranges(sorted(runners))}"
+        )
+    return compat.router_of(runners[layer], layer)
+
+
+def log_meta(facts: compat.EngineFacts, router: compat.Router, layer: int) -> dict[str, Any]:
+    """The log's first line."""
+    return meta_dict(
+        model_id=facts.model_id,
+        vllm_version=compat.vllm_version(),
+        torch_version=torch.__version__,
+        device=compat.device_name(facts.device),
+        seed=facts.seed,
+        layers_logged=[layer],
+        top_k=router.top_k,
+        num_experts=facts.num_experts or router.num_experts,
+        prefix_caching=facts.prefix_caching,
+        dtype=facts.dtype,
+        enforce_eager=facts.enforce_eager,
+        cudagraph_mode=facts.cudagraph_mode,
+        tensor_parallel_size=facts.tensor_parallel_size,
+        data_parallel_rank=facts.data_parallel_rank,
+        data_parallel_size=facts.data_parallel_size,
+        moeprof_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def _ranges(values: list[int]) -> str:

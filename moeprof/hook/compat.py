@@ -1,14 +1,21 @@
 """Everything the hook knows about vLLM's internals, in one place.
 
+This is the only module of the hook that reads attributes of vLLM's objects (configs, worker,
+model runner, MoE runners, routers, scheduler output); the others get plain values from here.
+
 Read from vLLM 0.26 (CUDA, Model Runner V2 by default) to 0.32 (CPU build, V1 runner):
 
 - ``vllm.v1.worker.gpu_worker.Worker`` (the CPU worker subclasses it) owns ``load_model``,
   ``execute_model`` and ``shutdown``. The worker's ``execute_model`` runs only for real
   scheduler steps: warm-up, memory profiling and CUDA-graph capture call the model runner's
   ``_dummy_run``/``execute_model(dummy_run=True)`` directly, never the worker's.
+  ``compile_or_warm_up_model`` (overridden by the CPU worker) is the last thing a worker does
+  before serving.
 - MoE layers hold an ``MoERunner`` whose ``layer_id`` is the decoder layer index and whose
   ``router`` (a ``BaseRouter``) computes ``(topk_weights, topk_ids)`` in ``_compute_routing``.
   Monolithic kernels (``is_monolithic``) route inside the kernel and never call it.
+- With data parallelism the router may see every DP rank's tokens at once (naive
+  dispatch/combine gathers them before routing), so the capture buffer is sized for all ranks.
 - After a real step, V1 runners keep the batch in ``input_batch`` (``req_ids``,
   ``num_computed_tokens_cpu``) and ``query_start_loc.np``; V2 runners keep it in
   ``execute_model_state.input_batch`` (``req_ids``, ``query_start_loc_np``,
@@ -21,18 +28,22 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+from moeprof.errors import HookRefusal
 from moeprof.hook.rows import StepBatch
 
 WORKER_MODULE = "vllm.v1.worker.gpu_worker"
 WORKER_CLASS = "Worker"
 SUPPORTED = "vLLM 0.26 to 0.33 (V1 engine)"
 
-
-class UnsupportedVllm(RuntimeError):
-    """vLLM's internals are not the ones this module describes."""
+# The worker methods the hook wraps (see the module docstring for what each one means).
+LOAD_MODEL = "load_model"
+EXECUTE_MODEL = "execute_model"
+WARM_UP = "compile_or_warm_up_model"
+SHUTDOWN = "shutdown"
 
 
 def vllm_version() -> str:
@@ -41,10 +52,77 @@ def vllm_version() -> str:
     return getattr(vllm, "__version__", "unknown")
 
 
-def unsupported(what: str) -> UnsupportedVllm:
-    return UnsupportedVllm(
-        f"moeprof: vLLM {vllm_version()} is not supported: {what} (moeprof knows {SUPPORTED})"
+def unsupported(what: str) -> HookRefusal:
+    return HookRefusal(
+        f"vLLM {vllm_version()} is not supported: {what} (moeprof knows {SUPPORTED})"
     )
+
+
+def worker_class(module: Any) -> type:
+    """The worker class of ``WORKER_MODULE``, checked for the methods the hook wraps."""
+    cls = getattr(module, WORKER_CLASS, None)
+    if cls is None or not all(hasattr(cls, m) for m in (LOAD_MODEL, EXECUTE_MODEL)):
+        raise unsupported(f"{WORKER_MODULE}.{WORKER_CLASS} has changed")
+    return cls
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the hook needs to know about the engine a worker belongs to, read once at load."""
+
+    model_id: str
+    seed: int | None
+    dtype: str
+    """Without the ``torch.`` prefix: ``"bfloat16"``."""
+    enforce_eager: bool
+    prefix_caching: bool
+    cudagraph_mode: str
+    speculative: bool
+    pipeline_parallel_size: int
+    tensor_parallel_size: int
+    tensor_parallel_rank: int
+    data_parallel_rank: int
+    data_parallel_size: int
+    max_router_tokens: int
+    """Most tokens one forward pass may route on this worker (all DP ranks' under DP)."""
+    num_experts: int | None
+    """Routed experts per layer, when the model config says."""
+    device: Any
+    """The ``torch.device`` the model runs on."""
+
+
+def engine_facts(worker: Any) -> EngineFacts:
+    import torch
+
+    vcfg = worker.vllm_config
+    model_cfg, par, comp = vcfg.model_config, vcfg.parallel_config, vcfg.compilation_config
+    graph_max = getattr(comp, "max_cudagraph_capture_size", None) or 0
+    step_max = max(vcfg.scheduler_config.max_num_batched_tokens, graph_max)
+    num_experts = getattr(model_cfg, "get_num_experts", lambda: 0)()
+    return EngineFacts(
+        model_id=model_cfg.model,
+        seed=model_cfg.seed,
+        dtype=str(model_cfg.dtype).removeprefix("torch."),
+        enforce_eager=bool(model_cfg.enforce_eager),
+        prefix_caching=bool(vcfg.cache_config.enable_prefix_caching),
+        cudagraph_mode=str(getattr(comp, "cudagraph_mode", None)),
+        speculative=getattr(vcfg, "speculative_config", None) is not None,
+        pipeline_parallel_size=par.pipeline_parallel_size,
+        tensor_parallel_size=par.tensor_parallel_size,
+        tensor_parallel_rank=tensor_parallel_rank(),
+        data_parallel_rank=par.data_parallel_rank,
+        data_parallel_size=par.data_parallel_size,
+        max_router_tokens=step_max * max(par.data_parallel_size, 1),
+        num_experts=int(num_experts) if num_experts else None,
+        device=torch.device(worker.model_runner.device),
+    )
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's rank in its tensor-parallel group (distributed state is up at load)."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
 
 
 def moe_runner_class() -> type:
@@ -55,28 +133,91 @@ def moe_runner_class() -> type:
     return MoERunner
 
 
-def moe_layers(model: Any) -> dict[int, Any]:
-    """Decoder layer index -> that layer's MoE runner."""
+def moe_runners(worker: Any) -> dict[int, Any]:
+    """Decoder layer index -> that layer's MoE runner, in the model this worker loaded."""
     runner_cls = moe_runner_class()
+    model = worker.model_runner.get_model()
     return {m.layer_id: m for m in model.modules() if isinstance(m, runner_cls)}
 
 
-def router_of(runner: Any, layer: int) -> Any:
+@dataclass(frozen=True)
+class Router:
+    """The router of the logged layer and what it routes to."""
+
+    router: Any
+    top_k: int
+    num_experts: int | None
+    """All experts the router chooses from (``global_num_experts``), when it says."""
+
+
+def router_of(runner: Any, layer: int) -> Router:
     if runner.is_monolithic:
-        raise RuntimeError(
-            f"moeprof: layer {layer} runs a monolithic MoE kernel that routes inside the "
+        raise HookRefusal(
+            f"layer {layer} runs a monolithic MoE kernel that routes inside the "
             "kernel, so there is no topk_ids/topk_weights to log; pick a backend with a "
             "modular kernel (e.g. unquantized weights)"
         )
     router = getattr(runner, "router", None)
     if router is None or not callable(getattr(router, "_compute_routing", None)):
         raise unsupported(f"the MoE runner of layer {layer} has no router._compute_routing")
-    return router
+    num_experts = getattr(router, "global_num_experts", None)
+    return Router(router, int(router.top_k), int(num_experts) if num_experts else None)
+
+
+def tap_routing(router: Router, tap: Callable[[Any, Any], None]) -> None:
+    """Call ``tap(topk_ids, topk_weights)`` right after the router computes them.
+
+    The instance's ``_compute_routing`` is wrapped; the class stays untouched. The wrapper runs
+    inside the forward pass (traced by Dynamo, recorded by CUDA graphs), so ``tap`` must be
+    graph-safe: no host sync, no allocation, no branch on tensor values.
+    """
+    target = router.router
+    compute: Callable[..., tuple[Any, Any]] = target._compute_routing
+
+    def _compute_routing_and_capture(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        topk_weights, topk_ids = compute(*args, **kwargs)
+        tap(topk_ids, topk_weights)
+        return topk_weights, topk_ids
+
+    target._compute_routing = _compute_routing_and_capture
+
+
+class ScheduledStep(NamedTuple):
+    """What a real step scheduled, copied off vLLM's objects (a tuple: built every step)."""
+
+    finished: Collection[str]
+    """Requests that finished before this step."""
+    batch: StepBatch | None
+    """The batch layout, or None when the step scheduled no tokens."""
+    new_prompt_lens: dict[str, int]
+    """Prompt length of each request this step starts (-1 when unknown)."""
+
+
+class StepReader:
+    """Reads a step from the scheduler output and the worker's model runner.
+
+    Which model runner it is (V1 or V2) is decided at the first step that scheduled tokens,
+    once, not every step.
+    """
+
+    def __init__(self, worker: Any) -> None:
+        self._worker = worker
+        self._read_batch: Callable[[int], StepBatch] | None = None
+
+    def __call__(self, scheduler_output: Any) -> ScheduledStep:
+        finished = scheduler_output.finished_req_ids
+        num_tokens = scheduler_output.total_num_scheduled_tokens
+        if num_tokens == 0:
+            return ScheduledStep(finished, None, {})
+        if self._read_batch is None:
+            self._read_batch = step_batch_reader(self._worker.model_runner)
+        batch = self._read_batch(num_tokens)
+        return ScheduledStep(finished, batch, new_prompt_lens(scheduler_output))
 
 
 def step_batch_reader(model_runner: Any) -> Callable[[int], StepBatch]:
     """A function that copies the batch of the step that just ran (the runner reuses its
-    arrays). Which runner it is gets decided once, not every step."""
+    arrays), given the step's scheduled token count."""
     state = getattr(model_runner, "execute_model_state", None)
     if hasattr(getattr(state, "input_batch", None), "query_start_loc_np"):
 

@@ -1,7 +1,8 @@
 """What the hook was asked to do, read from the environment once per process.
 
-Configuration errors are raised here, in the first vLLM process that loads the plugin, so the
-engine refuses to start instead of failing in a worker after the model has loaded.
+Configuration errors (:class:`~moeprof.errors.HookRefusal`) are raised here, in the first vLLM
+process that loads the plugin, so the engine refuses to start instead of failing in a worker
+after the model has loaded.
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeprof.errors import HookRefusal
+
 ENV_LOG = "VLLM_LOG_MOE"
 ENV_LAYER = "VLLM_MOE_LAYER"
 ENV_OVERWRITE = "VLLM_LOG_MOE_OVERWRITE"
 _ENV_CHECKED = "_MOEPROF_CHECKED_PATH"
-
-
-class HookConfigError(RuntimeError):
-    """The hook cannot do what the environment asks; raised before the engine starts."""
 
 
 @dataclass(frozen=True)
@@ -39,11 +38,11 @@ def load_config() -> HookConfig:
     try:
         layer = int(raw_layer)
     except ValueError:
-        raise HookConfigError(
-            f"moeprof: {ENV_LAYER}={raw_layer!r} is not a layer index (an integer >= 0)"
+        raise HookRefusal(
+            f"{ENV_LAYER}={raw_layer!r} is not a layer index (an integer >= 0)"
         ) from None
     if layer < 0:
-        raise HookConfigError(f"moeprof: {ENV_LAYER}={layer} must be >= 0")
+        raise HookRefusal(f"{ENV_LAYER}={layer} must be >= 0")
     config = HookConfig(
         path=Path(raw_path).expanduser().absolute(),
         layer=layer,
@@ -63,13 +62,11 @@ def _check_path_once(config: HookConfig) -> None:
         return
     parent = config.path.parent
     if config.path.is_dir():
-        raise HookConfigError(f"moeprof: {ENV_LOG}={config.path} is a directory, not a file")
+        raise HookRefusal(f"{ENV_LOG}={config.path} is a directory, not a file")
     if not parent.is_dir():
-        raise HookConfigError(f"moeprof: cannot write {config.path}: {parent} does not exist")
+        raise HookRefusal(f"cannot write {config.path}: {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise HookConfigError(f"moeprof: cannot write {config.path}: {parent} is not writable")
+        raise HookRefusal(f"cannot write {config.path}: {parent} is not writable")
     if config.path.exists() and not config.overwrite:
-        raise HookConfigError(
-            f"moeprof: {config.path} already exists; remove it or set {ENV_OVERWRITE}=1"
-        )
+        raise HookRefusal(f"{config.path} already exists; remove it or set {ENV_OVERWRITE}=1")
     os.environ[_ENV_CHECKED] = str(config.path)

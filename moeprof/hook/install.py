@@ -24,15 +24,14 @@ def install() -> None:
 
 
 def _patch_worker(module: ModuleType, config: HookConfig) -> None:
-    cls = getattr(module, compat.WORKER_CLASS, None)
-    if cls is None or not all(hasattr(cls, m) for m in ("load_model", "execute_model")):
-        raise compat.unsupported(f"{compat.WORKER_MODULE}.{compat.WORKER_CLASS} has changed")
+    cls = compat.worker_class(module)
     if getattr(cls, "_moeprof_patched", False):
         return
     from moeprof.hook.collector import StepCollector
 
-    load_model, execute_model = cls.load_model, cls.execute_model
-    shutdown = getattr(cls, "shutdown", None)
+    load_model = getattr(cls, compat.LOAD_MODEL)
+    execute_model = getattr(cls, compat.EXECUTE_MODEL)
+    shutdown = getattr(cls, compat.SHUTDOWN, None)
 
     @functools.wraps(load_model)
     def load_model_and_hook(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -47,11 +46,11 @@ def _patch_worker(module: ModuleType, config: HookConfig) -> None:
         output = execute_model(self, scheduler_output, *args, **kwargs)
         collector = self.__dict__.get("_moeprof")
         if collector is not None:
-            collector.after_step(self.model_runner, scheduler_output)
+            collector.after_step(scheduler_output)
         return output
 
-    cls.load_model = load_model_and_hook
-    cls.execute_model = execute_model_and_log
+    setattr(cls, compat.LOAD_MODEL, load_model_and_hook)
+    setattr(cls, compat.EXECUTE_MODEL, execute_model_and_log)
     if shutdown is not None:
 
         @functools.wraps(shutdown)
@@ -61,8 +60,8 @@ def _patch_worker(module: ModuleType, config: HookConfig) -> None:
                 collector.close()
             return shutdown(self, *args, **kwargs)
 
-        cls.shutdown = shutdown_and_flush
-    cls._moeprof_patched = True
+        setattr(cls, compat.SHUTDOWN, shutdown_and_flush)
+    cls._moeprof_patched = True  # type: ignore[attr-defined]
 
 
 def _arm_after_warmup(cls: type) -> None:
@@ -71,10 +70,11 @@ def _arm_after_warmup(cls: type) -> None:
     Warm-up steps can come through the worker's ``execute_model`` with made-up requests
     (Model Runner V2 runs ``_warmup_N_`` requests that way), so the collector only counts
     steps after ``compile_or_warm_up_model``, the last thing a worker does before serving.
+    The method is patched on the worker's own class: the CPU worker overrides it.
     """
-    warm_up = getattr(cls, "compile_or_warm_up_model", None)
+    warm_up = getattr(cls, compat.WARM_UP, None)
     if warm_up is None:
-        raise compat.unsupported(f"{cls.__name__} has no compile_or_warm_up_model")
+        raise compat.unsupported(f"{cls.__name__} has no {compat.WARM_UP}")
     if getattr(warm_up, "_moeprof_arms", False):
         return
 
@@ -87,7 +87,7 @@ def _arm_after_warmup(cls: type) -> None:
         return result
 
     warm_up_then_arm._moeprof_arms = True  # type: ignore[attr-defined]
-    cls.compile_or_warm_up_model = warm_up_then_arm
+    setattr(cls, compat.WARM_UP, warm_up_then_arm)
 
 
 def _when_imported(name: str, patch: Callable[[ModuleType], None]) -> None:

@@ -17,14 +17,16 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from moeprof.errors import HookRefusal
 from moeprof.hook.ring import HostRing
 from moeprof.hook.rows import RowMapper, StepBatch
+from moeprof.layout import format_routes, route_template
 
 logger = logging.getLogger("moeprof.hook")
 
@@ -32,43 +34,6 @@ IDLE_FLUSH_SEC = 0.05
 FORMAT_CHUNK = 256
 """Rows formatted between two hand-backs of the GIL (~0.4 ms of work)."""
 FLUSH_ROWS = 1 << 16
-
-
-def route_template(layer: int, top_k: int) -> str:
-    """One route line as a %-format: ids as ints, weights to float32 precision (7 digits)."""
-    ids = ",".join(["%d"] * top_k)
-    weights = ",".join(["%.7g"] * top_k)
-    return (
-        '{"type":"route","req_id":%s,"token_idx":%d,'
-        f'"layer":{layer},"topk_ids":[{ids}],"topk_weights":[{weights}],'
-        '"phase":"%s"}\n'
-    )
-
-
-def format_routes(
-    template: str,
-    req_json: Sequence[str] | np.ndarray,
-    token_idx: np.ndarray,
-    ids: np.ndarray,
-    weights: np.ndarray,
-    prefill: np.ndarray,
-) -> str:
-    """Many rows in one %-format call: about 1.5 us a route, none of it per field."""
-    n, k = ids.shape
-    if n == 0:
-        return ""
-    cells = np.empty((n, 2 * k + 3), dtype=object)
-    cells[:, 0] = req_json
-    cells[:, 1] = token_idx
-    cells[:, 2 : 2 + k] = ids
-    w64 = weights.astype(np.float64)
-    cells[:, 2 + k : 2 + 2 * k] = w64
-    cells[:, -1] = np.where(prefill, "prefill", "decode")
-    text = (template * n) % tuple(cells.ravel().tolist())
-    if not np.isfinite(w64).all():
-        # Spell non-finite weights as Python's json does, so readers name the problem.
-        text = text.replace("-inf", "-Infinity").replace("inf", "Infinity").replace("nan", "NaN")
-    return text
 
 
 def _leave_compute_cores() -> None:
@@ -118,11 +83,11 @@ class LogWriter:
         try:
             self._fd: int | None = os.open(path, flags, 0o644)
         except FileExistsError:
-            raise RuntimeError(
-                f"moeprof: {path} already exists; remove it or set VLLM_LOG_MOE_OVERWRITE=1"
+            raise HookRefusal(
+                f"{path} already exists; remove it or set VLLM_LOG_MOE_OVERWRITE=1"
             ) from None
         except OSError as e:
-            raise RuntimeError(f"moeprof: cannot open {path} for writing: {e}") from None
+            raise HookRefusal(f"cannot open {path} for writing: {e}") from None
         self.ring = ring
         self._template = route_template(layer, top_k)
         self._external_id = external_id

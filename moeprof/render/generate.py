@@ -34,7 +34,6 @@ class RunProgress:
         self._total = total_prompts
         self._tasks: dict[str, Any] = {}
         self._done_before: dict[str, int] = {}
-        self._pass_start: dict[str, float] = {}
 
     def __enter__(self) -> RunProgress:
         self._progress.__enter__()
@@ -73,6 +72,7 @@ class RunProgress:
 def print_generate_summary(
     console: Console, report: dict[str, Any], paths: dict[str, Path]
 ) -> None:
+    """Both runs side by side, the logging overhead, and where the files went."""
     table = Table(title=f"moeprof generate: {report['model']}", title_justify="left")
     table.add_column("")
     runs = [(k, report[k]) for k in ("no_log", "log") if k in report]

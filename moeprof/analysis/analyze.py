@@ -1,0 +1,323 @@
+"""``moeprof analyze``: one pass per log into per-layer (and per-phase) statistics and their
+JSON form; several logs are compared layer by layer.
+
+A log is read once into one :class:`~moeprof.analysis.accumulate.RoutingAccumulator` per
+(layer, phase), with a :class:`~moeprof.analysis.contamination.ContaminationDetector` watching
+the same chunks; with ``exclude_suspect`` a second pass re-reads it without the suspect records.
+The terminal table and the markdown note are in :mod:`moeprof.render`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeprof.analysis.accumulate import (
+    ImplausibleExpertIdError,
+    LayerPhaseAccumulators,
+    RoutingAccumulator,
+)
+from moeprof.analysis.contamination import Contamination, ContaminationDetector, SuspectFilter
+from moeprof.analysis.load_balance import jensen_shannon
+from moeprof.analysis.reader import (
+    NO_PHASE,
+    PHASES,
+    Issue,
+    IssueSink,
+    LogError,
+    RouteLog,
+    open_log,
+)
+from moeprof.analysis.summary import ExpertStats, summarize
+
+PHASE_NAMES = {NO_PHASE: "unknown", **dict(enumerate(PHASES))}
+PREFILL, DECODE = PHASES.index("prefill"), PHASES.index("decode")
+
+
+@dataclass
+class LayerAnalysis:
+    layer: int
+    stats: ExpertStats
+    by_phase: dict[str, ExpertStats] = field(default_factory=dict)
+    """Only when the log records phases."""
+    phase_jsd: float | None = None
+    """Jensen-Shannon divergence (bits) between the prefill and decode distributions."""
+    coselection: np.ndarray | None = field(default=None, repr=False, metadata={"json": False})
+    """E x E co-selection counts (diagonal: per-expert counts), for plots."""
+
+
+@dataclass
+class LogAnalysis:
+    path: str
+    model_id: str
+    meta: dict[str, Any]
+    num_experts: int
+    num_experts_source: str
+    """'meta', '--num-experts' or 'inferred' (max id + 1)."""
+    top_k: int
+    records: int
+    """Routes analysed (after exclusion)."""
+    excluded: int
+    contamination: Contamination
+    layers: list[LayerAnalysis]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    layer: int
+    a: str
+    b: str
+    jsd: float
+
+
+@dataclass
+class AnalysisReport:
+    logs: list[LogAnalysis]
+    comparisons: list[Comparison]
+    exclude_suspect: bool = False
+
+    def rows(self) -> list[tuple[LogAnalysis, LayerAnalysis]]:
+        return [(log, layer) for log in self.logs for layer in log.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Dataclasses/numpy to JSON types; NaN/inf (undefined statistics) become null."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {
+            f.name: _jsonable(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.metadata.get("json", True)
+        }
+        if isinstance(obj, Contamination):
+            out["suspect_share"] = obj.suspect_share
+        return out
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+# --------------------------------------------------------------------------- several logs
+
+
+def analyze_logs(
+    paths: list[str | Path],
+    *,
+    num_experts: int | None = None,
+    top: int = 3,
+    exclude_suspect: bool = False,
+    min_run: int = 64,
+) -> AnalysisReport:
+    """Analyse each log, then compare logs layer by layer (JSD of their distributions)."""
+    logs = [
+        analyze_log(
+            p, num_experts=num_experts, top=top, exclude_suspect=exclude_suspect, min_run=min_run
+        )
+        for p in paths
+    ]
+    return AnalysisReport(logs, compare(logs), exclude_suspect)
+
+
+def compare(logs: list[LogAnalysis]) -> list[Comparison]:
+    """JSD between every pair of logs, for each layer both logged with routes."""
+    comparisons = []
+    for a, b in itertools.combinations(logs, 2):
+        b_layers = {lb.layer: lb for lb in b.layers}
+        for la in a.layers:
+            lb = b_layers.get(la.layer)
+            if lb is not None and la.stats.tokens and lb.stats.tokens:
+                jsd = jensen_shannon(np.array(la.stats.counts), np.array(lb.stats.counts))
+                comparisons.append(Comparison(la.layer, a.path, b.path, jsd))
+    return comparisons
+
+
+# --------------------------------------------------------------------------- one log
+
+
+def analyze_log(
+    path: str | Path,
+    *,
+    num_experts: int | None = None,
+    top: int = 3,
+    exclude_suspect: bool = False,
+    min_run: int = 64,
+) -> LogAnalysis:
+    """Statistics of one log. Raises :class:`LogError` on the first invalid line: numbers from a
+    log that does not validate are not worth printing."""
+    warnings: list[str] = []
+    log, experts, source = _resolve_num_experts(open_log(path), num_experts, warnings)
+    sums = LayerPhaseAccumulators(experts)
+    try:
+        tally = _read_routes(log, sums, warnings, exclude_suspect=exclude_suspect, min_run=min_run)
+    except ImplausibleExpertIdError as e:
+        raise LogError(f"{log.path}: {e}") from e
+    if experts is None:
+        experts = sums.widest()
+        warnings.append(
+            f"num_experts not in the meta: using max expert id + 1 = {experts} "
+            "(pass --num-experts if some experts were never selected)"
+        )
+    if tally.contamination.suspicious and not exclude_suspect:
+        warnings.append(tally.contamination.describe() + " Rerun with --exclude-suspect.")
+    assert log.meta is not None
+    layers = _layer_analyses(log.meta.layers_logged, sums, experts, top, warnings)
+    return LogAnalysis(
+        path=str(log.path),
+        model_id=log.meta.model_id,
+        meta=log.meta.model_dump(mode="json"),
+        num_experts=experts,
+        num_experts_source=source,
+        top_k=log.meta.top_k,
+        records=tally.records,
+        excluded=tally.excluded,
+        contamination=tally.contamination,
+        layers=layers,
+        warnings=warnings,
+    )
+
+
+def _resolve_num_experts(
+    log: RouteLog, num_experts: int | None, warnings: list[str]
+) -> tuple[RouteLog, int | None, str]:
+    """(log, experts, source): the meta's ``num_experts`` wins over ``--num-experts``, which
+    wins over inferring it after reading (``experts`` None, source 'inferred'). With
+    ``--num-experts`` the log is read as if its meta declared it (larger ids are errors)."""
+    meta = log.meta
+    assert meta is not None
+    if meta.num_experts is not None:
+        if num_experts is not None and num_experts != meta.num_experts:
+            warnings.append(
+                f"--num-experts {num_experts} ignored: the meta declares num_experts="
+                f"{meta.num_experts}"
+            )
+        return log, meta.num_experts, "meta"
+    if num_experts is not None:
+        return log.with_num_experts(num_experts), num_experts, "--num-experts"
+    return log, None, "inferred"
+
+
+@dataclass(frozen=True)
+class _Tally:
+    contamination: Contamination
+    records: int
+    """Routes folded into the sums."""
+    excluded: int
+    """Suspect routes left out (``exclude_suspect`` only)."""
+
+
+def _read_routes(
+    log: RouteLog,
+    sums: LayerPhaseAccumulators,
+    warnings: list[str],
+    *,
+    exclude_suspect: bool,
+    min_run: int,
+) -> _Tally:
+    """Fold the log's routes into ``sums``: in one pass, or with ``exclude_suspect`` in a second
+    pass that leaves out what the first pass's contamination detector flagged."""
+
+    def strict(issue: Issue) -> None:
+        if issue.severity == "error":
+            raise LogError(f"{issue.format(log.path)} (run `moeprof validate {log.path}`)")
+        warnings.append(issue.format(log.path))
+
+    def errors_only(issue: Issue) -> None:  # the first pass has reported the warnings
+        if issue.severity == "error":
+            strict(issue)
+
+    detector = ContaminationDetector(min_run)
+    records = _scan(log, strict, detector, None if exclude_suspect else sums)
+    contamination = detector.finish()
+    if not exclude_suspect:
+        return _Tally(contamination, records, excluded=0)
+    records, excluded = _rescan_without_suspects(log, errors_only, SuspectFilter(detector), sums)
+    return _Tally(contamination, records, excluded)
+
+
+def _scan(
+    log: RouteLog,
+    on_issue: IssueSink,
+    detector: ContaminationDetector,
+    sums: LayerPhaseAccumulators | None,
+) -> int:
+    """Show every chunk to ``detector`` and, unless ``sums`` is None, fold it into ``sums``;
+    returns the routes folded."""
+    records = 0
+    for chunk in log.chunks(on_issue):
+        detector.add(
+            log.groups(chunk), chunk.token_idx, chunk.layer, chunk.ids, chunk.weights, chunk.line
+        )
+        if sums is not None:
+            sums.add(log.layer_slot(chunk.layer), chunk.phase, chunk.ids, chunk.weights)
+            records += len(chunk)
+    return records
+
+
+def _rescan_without_suspects(
+    log: RouteLog, on_issue: IssueSink, suspects: SuspectFilter, sums: LayerPhaseAccumulators
+) -> tuple[int, int]:
+    """Fold the routes ``suspects`` keeps into ``sums``: (routes folded, routes left out)."""
+    records = excluded = 0
+    for chunk in log.chunks(on_issue):
+        drop = suspects.mask(log.groups(chunk), chunk.token_idx, chunk.layer, chunk.line)
+        excluded += int(drop.sum())
+        kept = chunk.take(~drop)
+        sums.add(log.layer_slot(kept.layer), kept.phase, kept.ids, kept.weights)
+        records += len(kept)
+    return records, excluded
+
+
+def _layer_analyses(
+    layers: list[int],
+    sums: LayerPhaseAccumulators,
+    experts: int,
+    top: int,
+    warnings: list[str],
+) -> list[LayerAnalysis]:
+    """One :class:`LayerAnalysis` per logged layer, each phase's expert axis ``experts`` long."""
+    out = []
+    for slot, layer in enumerate(layers):
+        parts = {p: acc.resized(experts) for p, acc in sums.by_phase(slot).items()}
+        out.append(_layer_analysis(layer, parts, experts, top))
+        if out[-1].stats.tokens == 0:
+            warnings.append(f"layer {layer} is in layers_logged but has no routes")
+    return out
+
+
+def _layer_analysis(
+    layer: int, parts: dict[int, RoutingAccumulator], experts: int, top: int
+) -> LayerAnalysis:
+    """One layer from its accumulators by phase code: the whole stream, each phase when the
+    log records phases, and how far prefill and decode routing differ."""
+    total = RoutingAccumulator(experts)
+    for acc in parts.values():
+        total.merge(acc)
+    by_phase = {}
+    if any(p != NO_PHASE for p in parts):
+        by_phase = {PHASE_NAMES[p]: summarize(acc, top) for p, acc in sorted(parts.items())}
+    phase_jsd = None
+    prefill, decode = parts.get(PREFILL), parts.get(DECODE)
+    if prefill is not None and decode is not None and prefill.tokens and decode.tokens:
+        phase_jsd = jensen_shannon(prefill.counts, decode.counts)
+    return LayerAnalysis(layer, summarize(total, top), by_phase, phase_jsd, total.coselection())
