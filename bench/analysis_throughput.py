@@ -6,7 +6,9 @@ grows with the log (it should not: the reader streams).
 
     .venv/bin/python bench/analysis_throughput.py --routes 1000000 --routes 10000000 --json out.json
 
-Logs are cached under ``--dir`` by size, so a second run measures without regenerating.
+Logs are cached under ``--dir`` by size, so a second run measures without regenerating. The
+cached file's name says its layout version (``synthetic_v2_*``: route lines with ``step``, as the
+hook writes them since issue #11; ``synthetic_*`` files are older logs without it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ NUM_EXPERTS = 60
 TOP_K = 4
 LAYER = 12
 BATCH = 25  # requests decoded together, like the reference workload
+LOG_NAME = "synthetic_v2_{routes}.jsonl"
+"""A cached log's name: bump the version when :func:`generate` writes other lines."""
 
 
 def _rss_mib() -> float:
@@ -78,34 +82,49 @@ def _routes(rng: np.random.Generator, n: int, logp: np.ndarray) -> tuple[np.ndar
 
 def generate(path: Path, routes: int, seed: int = 1234) -> None:
     """Write a log of ``routes`` route records exactly as the hook formats them (its own
-    template and formatter, :mod:`moeprof.layout`): requests in waves of BATCH, each wave's
-    prompts prefilled one after another, then decode steps with one token per live request."""
+    template and formatter, :mod:`moeprof.layout`, the layer and engine step per row):
+    requests in waves of BATCH, each wave's prompts prefilled one after another (a step each),
+    then decode steps with one token per live request."""
     from moeprof.layout import format_routes, route_template
 
-    template = route_template(LAYER, TOP_K)
+    template = route_template(None, TOP_K)
     rng = np.random.default_rng(seed)
     logp = np.log(rng.dirichlet(np.full(NUM_EXPERTS, 0.7)))
     tmp = path.with_suffix(".part")
     written = 0
     req = 0
+    engine_step = 0
     with tmp.open("w") as f:
         f.write(_meta_line())
         while written < routes:
-            wave: list[tuple[int, bool, int]] = []  # (request in the wave, prefill, token_idx)
+            wave: list[tuple[int, bool, int, int]] = []  # (request, prefill, token_idx, step)
             plens = rng.integers(60, 220, BATCH)
             glens = rng.integers(40, 129, BATCH)
             for r in range(BATCH):
-                wave.extend((r, True, t) for t in range(int(plens[r])))
+                wave.extend((r, True, t, engine_step) for t in range(int(plens[r])))
+                engine_step += 1
             for step in range(int(glens.max()) - 1):
                 for r in range(BATCH):
                     if step < glens[r] - 1:
-                        wave.append((r, False, int(plens[r]) + step))
+                        wave.append((r, False, int(plens[r]) + step, engine_step))
+                engine_step += 1
             req_json = np.array([json.dumps(str(req + r)) for r in range(BATCH)], dtype=object)
             req += BATCH
             wave = wave[: routes - written]
             ids, weights = _routes(rng, len(wave), logp)
-            request, prefill, token_idx = (np.array(col) for col in zip(*wave, strict=True))
-            f.write(format_routes(template, req_json[request], token_idx, ids, weights, prefill))
+            request, prefill, token_idx, steps = (np.array(col) for col in zip(*wave, strict=True))
+            layer = np.full(len(wave), LAYER)
+            text = format_routes(
+                template,
+                req_json[request],
+                token_idx,
+                ids,
+                weights,
+                prefill,
+                layer=layer,
+                step=steps,
+            )
+            f.write(text)
             written += len(wave)
     tmp.replace(path)
 
@@ -175,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     args.dir.mkdir(parents=True, exist_ok=True)
     results = []
     for n in sizes:
-        path = args.dir / f"synthetic_{n}.jsonl"
+        path = args.dir / LOG_NAME.format(routes=n)
         if not path.exists():
             t0 = time.perf_counter()
             console.print(f"generating {n:,} routes -> {path}")

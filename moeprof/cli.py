@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from moeprof.errors import UserError
+
+if TYPE_CHECKING:
+    from moeprof.layers import LayerSelection
 
 app = typer.Typer(
     help="Log which experts an MoE layer in vLLM picks per token; check, plot and analyse it.",
@@ -46,6 +49,10 @@ def ExcludeSuspect(help: str) -> Any:
 
 def AsJson(help: str) -> Any:
     return Annotated[bool, typer.Option("--json", help=help)]
+
+
+def Layer(help: str) -> Any:
+    return Annotated[str | None, typer.Option("--layer", metavar="LAYERS", help=help)]
 
 
 class PlotKind(str, Enum):
@@ -98,8 +105,14 @@ def generate(
         ),
     ] = None,
     log_layer: Annotated[
-        int, typer.Option(min=0, help="Decoder layer whose MoE routing to log.")
-    ] = 0,
+        str,
+        typer.Option(
+            metavar="LAYERS",
+            help="Decoder layers whose MoE routing to log: an index (12), a list (0,12,23), "
+            "ranges (0-11,23) or 'all' (every MoE layer). A dense layer named explicitly is "
+            "refused at engine start.",
+        ),
+    ] = "0",
     log: Annotated[
         Path | None,
         typer.Option(help="Routing log to write.", show_default="OUT_DIR/moe_routes.jsonl"),
@@ -129,6 +142,15 @@ def generate(
         ),
     ] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Always generate --max-new-tokens.")] = False,
+    prefix_caching: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-caching/--no-prefix-caching",
+            help="vLLM's prefix caching: cached prompt tokens skip the router and are not "
+            "logged; outputs.jsonl records num_cached_tokens per request, so validate --outputs "
+            "stays exact.",
+        ),
+    ] = False,
     load_format: Annotated[
         str, typer.Option(help="vLLM load format ('dummy': random weights).")
     ] = "auto",
@@ -159,18 +181,32 @@ def generate(
             dtype=dtype,
             repeat=repeat,
             ignore_eos=ignore_eos,
+            prefix_caching=prefix_caching,
             chat=chat,
         )
         console.print(
             f"model [bold]{job.settings.model_label}[/], {len(job.settings.prompts)} prompts x "
-            f"{max_new_tokens} new tokens, layer {log_layer}, prefix caching off "
-            "(every prompt token is routed and logged)"
+            f"{max_new_tokens} new tokens, {_layers_label(job.layers)}, "
+            + (
+                "prefix caching on (cached prompt tokens are not routed; outputs.jsonl "
+                "records how many per request)"
+                if prefix_caching
+                else "prefix caching off (every prompt token is routed and logged)"
+            ),
+            highlight=False,
         )
         with RunProgress(console, total_prompts=job.total_prompts) as progress:
             report = lib.run_job(job, on_event=progress.on_event)
     except UserError as e:
         fail(str(e))
     print_generate_summary(console, report, job.paths)
+
+
+def _layers_label(layers: LayerSelection) -> str:
+    """``layer 12``, ``layers 0-11,23``, ``every MoE layer``."""
+    if layers.is_all:
+        return "every MoE layer"
+    return f"layer{'s' if len(layers.indices) > 1 else ''} {layers}"
 
 
 def _escape(message: str) -> str:
@@ -194,7 +230,8 @@ def validate(
         Path | None,
         typer.Option(
             help="outputs.jsonl of the same run: check every request has exactly "
-            "prompt + generated - 1 routes per logged layer."
+            "prompt - cached + generated - 1 routes per logged layer, at positions "
+            "cached..end (cached: prompt tokens served from the prefix cache, as recorded)."
         ),
     ] = None,
     as_json: AsJson("Print the report as JSON.") = False,
@@ -241,12 +278,84 @@ def analyze(
         "logging (repeated keys, long runs of identical routes)."
     ) = False,
     force: Force("Overwrite the markdown file.") = False,
+    layer: Layer(
+        "Only these layers: an index (12), a list (0,12,23) or ranges (0-11,23). "
+        "Default: every logged layer."
+    ) = None,
+    details: Annotated[
+        bool,
+        typer.Option(
+            help="For logs of several layers: the full table (a row per layer and phase, "
+            "router weights, co-selected pairs) instead of one summary row per layer."
+        ),
+    ] = False,
+    outputs: Annotated[
+        Path | None,
+        typer.Option(
+            help="generate's outputs.jsonl: what each expert handles (its top tokens), "
+            "joined on (req_id, token_idx).",
+            rich_help_panel="More analyses",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="Tokenizer to decode tokens with (default: the meta's model).",
+            rich_help_panel="More analyses",
+        ),
+    ] = None,
+    cross_layer: Annotated[
+        bool,
+        typer.Option(
+            help="How routing at one layer predicts the next: mutual information, top "
+            "transitions (logs of several layers).",
+            rich_help_panel="More analyses",
+        ),
+    ] = False,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            help="Expert reuse between consecutive tokens: overlap, LRU cache hit rate.",
+            rich_help_panel="More analyses",
+        ),
+    ] = False,
+    ep: Annotated[
+        bool,
+        typer.Option(
+            help="Per-pass load balance under expert parallelism, contiguous and EPLB "
+            "placement (logs with step).",
+            rich_help_panel="More analyses",
+        ),
+    ] = False,
+    ep_ranks: Annotated[
+        str | None,
+        typer.Option(
+            help="Expert-parallel rank counts for --ep, e.g. 2,4,8 (default: the divisors of "
+            "the expert count among 2, 4, 8, 16).",
+            rich_help_panel="More analyses",
+        ),
+    ] = None,
+    redundant_experts: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Redundant expert slots for EPLB in --ep.", rich_help_panel="More analyses"
+        ),
+    ] = 0,
+    full: Annotated[
+        bool,
+        typer.Option(
+            help="Every analysis the log supports (with --outputs: the token analysis too).",
+            rich_help_panel="More analyses",
+        ),
+    ] = False,
 ) -> None:
     """Expert load per layer and phase: top experts, entropy, imbalance, co-selection.
 
     Also the normalized distribution, router-weight statistics and signs of contamination.
+    A log of several layers gets one summary row per layer (--details for everything).
     """
     from moeprof.analysis import analyze as lib
+    from moeprof.analysis.passes import PassOptions
     from moeprof.outfiles import refuse_existing, write_new
     from moeprof.render.analyze import print_report
     from moeprof.render.note import markdown_note
@@ -255,7 +364,21 @@ def analyze(
         if markdown is not None:
             refuse_existing(markdown, force)  # before the (possibly long) analysis
         result = lib.analyze_logs(
-            logs, num_experts=num_experts, top=top, exclude_suspect=exclude_suspect
+            logs,
+            num_experts=num_experts,
+            top=top,
+            exclude_suspect=exclude_suspect,
+            layers=lib.chosen_layers(layer),
+            analyses=_chosen_analyses(
+                full=full, tokens=outputs is not None, cross_layer=cross_layer, reuse=reuse, ep=ep
+            ),
+            options=PassOptions(
+                outputs=outputs,
+                tokenizer=tokenizer,
+                ep_ranks=_rank_counts(ep_ranks),
+                redundant_experts=redundant_experts,
+                top=top,
+            ),
         )
         if markdown is not None:
             write_new(markdown, markdown_note(result), force=force)
@@ -265,9 +388,26 @@ def analyze(
     if as_json:
         typer.echo(result.to_json())
     else:
-        print_report(result, console)
+        print_report(result, console, details=details)
     if markdown is not None:
         err_console.print(f"wrote {markdown}", highlight=False)
+
+
+def _chosen_analyses(*, full: bool, **chosen: bool) -> list[str]:
+    """The extra analyses' names (see moeprof.analysis.passes) the flags ask for."""
+    return [name for name, on in chosen.items() if on or full]
+
+
+def _rank_counts(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        counts = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"--ep-ranks {text!r}: give rank counts such as 2,4,8") from None
+    if any(c < 1 for c in counts):
+        raise UserError(f"--ep-ranks {text!r}: rank counts must be >= 1")
+    return counts
 
 
 @app.command()
@@ -275,7 +415,8 @@ def plot(
     logs: Annotated[
         list[Path],
         typer.Argument(
-            help="One or more logs; several logs or layers give a layer x expert heatmap.",
+            help="One or more logs; several logs or layers give a layer x expert heatmap "
+            "(--layer N for one layer's histogram).",
             show_default=False,
         ),
     ],
@@ -293,14 +434,23 @@ def plot(
     force: Force("Overwrite an existing PNG.") = False,
     num_experts: NumExperts("Experts in the layer when the meta does not say.") = None,
     exclude_suspect: ExcludeSuspect("Leave out records that look like dummy batches.") = False,
+    layer: Layer(
+        "Only these layers: an index (12), a list (0,12,23) or ranges (0-11,23); one layer "
+        "gives its histogram or co-selection matrix. Default: every logged layer."
+    ) = None,
 ) -> None:
     """Plot expert load from one or more logs."""
     from moeprof.analysis import plots as lib
-    from moeprof.analysis.analyze import analyze_logs
+    from moeprof.analysis.analyze import analyze_logs, chosen_layers
 
     try:
         lib.check_writable(out, force)
-        result = analyze_logs(logs, num_experts=num_experts, exclude_suspect=exclude_suspect)
+        result = analyze_logs(
+            logs,
+            num_experts=num_experts,
+            exclude_suspect=exclude_suspect,
+            layers=chosen_layers(layer),
+        )
         written = lib.plot(result, out, kind=kind.value, sort=sort, force=force)
     except UserError as e:
         fail(_escape(str(e)), 2)

@@ -69,7 +69,8 @@ def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
 
 
 def _start_engine(spec: dict[str, Any], events: _Events) -> tuple[Any, float]:
-    """``vllm.LLM`` with the spec's engine settings (prefix caching always off); its start time."""
+    """``vllm.LLM`` with the spec's engine settings (prefix caching off unless the spec turns it
+    on); its start time."""
     from vllm import LLM
 
     t0 = time.perf_counter()
@@ -79,7 +80,7 @@ def _start_engine(spec: dict[str, Any], events: _Events) -> tuple[Any, float]:
         tokenizer=spec.get("tokenizer") or None,
         seed=spec["seed"],
         max_model_len=spec["max_model_len"],
-        enable_prefix_caching=False,
+        enable_prefix_caching=bool(spec.get("prefix_caching", False)),
         enforce_eager=spec["enforce_eager"],
         load_format=spec["load_format"],
         dtype=spec["dtype"],
@@ -135,8 +136,14 @@ def _timed_passes(
         wall = time.perf_counter() - t0
         prompt_toks = sum(len(r.prompt_token_ids or []) for r in results)
         gen_toks = sum(len(r.outputs[0].token_ids) for r in results)
+        cached = sum(getattr(r, "num_cached_tokens", None) or 0 for r in results)
         passes.append(
-            {"wall_time_sec": wall, "tokens_generated": gen_toks, "prompt_tokens": prompt_toks}
+            {
+                "wall_time_sec": wall,
+                "tokens_generated": gen_toks,
+                "prompt_tokens": prompt_toks,
+                "cached_prompt_tokens": cached,
+            }
         )
         outputs.extend(_output_records(results, rep))
         events.emit("pass_done", index=rep, seconds=wall, tokens=gen_toks)
@@ -151,16 +158,22 @@ def _shutdown(llm: Any, events: _Events) -> None:
 
 
 def _output_records(results: list[Any], rep: int) -> list[dict[str, Any]]:
+    """Per request what ``validate --outputs`` accounts for: prompt and generated tokens and the
+    prompt tokens served from the prefix cache (not routed), plus the token ids themselves."""
     records = []
     for idx, r in enumerate(results):
         out = r.outputs[0]
+        prompt_ids = list(r.prompt_token_ids or [])
+        cached = getattr(r, "num_cached_tokens", None)
         records.append(
             {
                 "req_id": r.request_id,
                 "prompt_idx": idx,
                 "repeat": rep,
-                "prompt_tokens": len(r.prompt_token_ids or []),
+                "prompt_tokens": len(prompt_ids),
                 "generated_tokens": len(out.token_ids),
+                "num_cached_tokens": int(cached) if cached is not None else None,
+                "prompt_token_ids": prompt_ids,
                 "output_token_ids": list(out.token_ids),
                 "text": out.text,
                 "finish_reason": out.finish_reason,

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeprof.errors import REFUSAL_PREFIX, UserError
+from moeprof.errors import REFUSAL_PREFIX, HookRefusal, UserError
+from moeprof.layers import LayerSelection, LayerSpecError, parse_layers
 from moeprof.outfiles import refuse_existing, replacing, write_new
 from moeprof.prompts import read_prompts
 
@@ -55,6 +56,9 @@ class Settings:
     warmup: int = 0
     """Untimed passes before the timed ones (benchmarks); a logged engine logs them too."""
     ignore_eos: bool = False
+    prefix_caching: bool = False
+    """vLLM's ``enable_prefix_caching``: cached prompt tokens skip the router, so a request's
+    routes start at its ``num_cached_tokens`` (recorded in the outputs)."""
     chat: bool | None = None
     prompt_token_ids: list[list[int]] | None = None
     skip_tokenizer_init: bool = False
@@ -131,6 +135,24 @@ def output_paths(out_dir: Path, log: Path | None) -> dict[str, Path]:
     }
 
 
+LayerArg = int | str | LayerSelection
+"""A layer selection as callers hold it: an index, the text of ``--log-layer`` /
+``VLLM_MOE_LAYER`` (``12``, ``0,12,23``, ``0-11,23``, ``all``), or a parsed selection."""
+
+
+def layer_selection(layer: LayerArg) -> LayerSelection:
+    """Any :data:`LayerArg` as a :class:`~moeprof.layers.LayerSelection`; a selection that does
+    not parse is a :class:`UserError` (one line, before any engine starts)."""
+    if isinstance(layer, LayerSelection):
+        return layer
+    if isinstance(layer, bool) or not isinstance(layer, int | str):
+        raise UserError(f"--log-layer: {layer!r} is not a layer selection")
+    try:
+        return parse_layers(str(layer))
+    except LayerSpecError as e:
+        raise UserError(f"--log-layer: {e}") from None
+
+
 def refuse_overwrite(paths: dict[str, Path], force: bool) -> None:
     """Refuse before any engine starts if a file of a previous run is in the way."""
     for path in paths.values():
@@ -156,7 +178,8 @@ class Job:
     """One ``moeprof generate``: the settings, the runs, and where their files go."""
 
     settings: Settings
-    layer: int
+    layers: LayerSelection
+    """The layers the logged run logs (``str()`` gives the text passed as VLLM_MOE_LAYER)."""
     out_dir: Path
     paths: dict[str, Path]
     """``log``, ``timing`` and ``outputs``."""
@@ -174,7 +197,7 @@ def prepare(
     *,
     out_dir: Path,
     log: Path | None,
-    layer: int,
+    layer: LayerArg = 0,
     model: str | None,
     num_prompts: int | None = None,
     baseline: bool = True,
@@ -183,17 +206,19 @@ def prepare(
     **settings: Any,
 ) -> Job:
     """Everything that can fail before an engine starts, in the order a user fixes it: the
-    prompts, files of a previous run, the model. Creates ``out_dir``.
+    layer selection, the prompts, files of a previous run, the model. Creates ``out_dir``.
 
-    ``settings`` are :class:`Settings` fields other than the model and the prompts.
+    ``layer`` is a :data:`LayerArg` (``2``, ``"0-11,23"``, ``"all"``); ``settings`` are
+    :class:`Settings` fields other than the model and the prompts.
     """
+    layers = layer_selection(layer)
     prompts = read_prompts(prompts_file)[:num_prompts]
     paths = output_paths(out_dir, log)
     refuse_overwrite(paths, force)
     model_path, label = resolve_model(model)
     job = Job(
         settings=Settings(model=model_path, model_label=label, prompts=prompts, **settings),
-        layer=layer,
+        layers=layers,
         out_dir=out_dir,
         paths=paths,
         arms=arms(paths["log"], baseline=baseline, baseline_only=baseline_only),
@@ -212,7 +237,7 @@ def run_job(job: Job, on_event: EventHandler) -> dict[str, Any]:
             name,
             job.settings,
             log=log,
-            layer=job.layer,
+            layer=job.layers,
             vllm_log=job.out_dir / f"vllm-{name}.log",
             on_event=on_event,
             overwrite_log=job.force,
@@ -220,6 +245,8 @@ def run_job(job: Job, on_event: EventHandler) -> dict[str, Any]:
     logged = runs.get("logged")
     routes = count_routes(job.paths["log"]) if logged else None
     report = timing_report(job.settings, runs.get("baseline"), logged, job.paths["log"], routes)
+    if logged:
+        report["log"]["layers"] = str(job.layers)
     write_new(job.paths["timing"], json.dumps(report, indent=2) + "\n", force=job.force)
     write_outputs(job.paths["outputs"], logged or runs["baseline"], force=job.force)
     return report
@@ -230,13 +257,15 @@ def run_engine(
     settings: Settings,
     *,
     log: Path | None,
-    layer: int,
+    layer: LayerArg = 0,
     vllm_log: Path,
     on_event: EventHandler,
     overwrite_log: bool = False,
 ) -> dict[str, Any]:
-    """One engine in a fresh process; with ``log`` set, the hook logs layer ``layer`` there."""
-    env = _engine_env(settings, log, layer, overwrite_log)
+    """One engine in a fresh process; with ``log`` set, the hook logs the layers ``layer``
+    selects there (an index, a selection's text such as ``"0-11,23"`` or ``"all"``, or a
+    parsed :class:`~moeprof.layers.LayerSelection`; a bad one raises :class:`UserError`)."""
+    env = _engine_env(settings, log, layer_selection(layer), overwrite_log)
     spec = asdict(settings)
     spec.pop("extra_env")
     with tempfile.TemporaryDirectory(prefix="moeprof-run-") as tmp:
@@ -271,7 +300,7 @@ def run_engine(
 
 
 def _engine_env(
-    settings: Settings, log: Path | None, layer: int, overwrite_log: bool
+    settings: Settings, log: Path | None, layers: LayerSelection, overwrite_log: bool
 ) -> dict[str, str]:
     """This process's environment without any hook settings it has, then the run's own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_LOG_MOE", "VLLM_MOE_"))}
@@ -280,7 +309,7 @@ def _engine_env(
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if log is not None:
         env["VLLM_LOG_MOE"] = str(log.absolute())
-        env["VLLM_MOE_LAYER"] = str(layer)
+        env["VLLM_MOE_LAYER"] = str(layers)
         if overwrite_log:
             env["VLLM_LOG_MOE_OVERWRITE"] = "1"
     return env
@@ -295,7 +324,9 @@ def _relay(fd: int, name: str, on_event: EventHandler) -> None:
                 continue
 
 
-_REASON = re.compile(rf"({re.escape(REFUSAL_PREFIX)}.*|\w+(?:Error|Exception): .*)$")
+_REASON = re.compile(r"(\w+(?:Error|Exception|Refusal): .*)$")
+"""An exception's last traceback line; the hook's own log lines (``moeprof: logging ...``,
+``moeprof: stats ...``) are not reasons, only a raised refusal is."""
 
 
 def failure_reason(vllm_log: Path) -> str:
@@ -306,7 +337,7 @@ def failure_reason(vllm_log: Path) -> str:
     except OSError:
         return "the engine process died"
     found = [m.group(1) for line in lines if (m := _REASON.search(line))]
-    ours = [f for f in found if REFUSAL_PREFIX in f]
+    ours = [f for f in found if f"{HookRefusal.__name__}: {REFUSAL_PREFIX}" in f]
     if ours:
         return ours[-1].split(REFUSAL_PREFIX, 1)[-1]
     generic = [f for f in found if not f.startswith("RuntimeError: Engine core initialization")]
@@ -327,6 +358,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "engine_start_sec": result["engine_start_sec"],
         "tokens_generated": gen,
         "prompt_tokens": result["passes"][0]["prompt_tokens"],
+        "cached_prompt_tokens": [p.get("cached_prompt_tokens", 0) for p in result["passes"]],
         "tokens_per_sec": gen / wall if wall > 0 else None,
         "passes": len(walls),
     }
@@ -350,7 +382,7 @@ def timing_report(
         "model": settings.model_label,
         "settings": {k: v for k, v in asdict(settings).items() if k not in _NOT_SETTINGS}
         | {"num_prompts": len(settings.prompt_token_ids or settings.prompts)},
-        "prefix_caching": False,
+        "prefix_caching": settings.prefix_caching,
     }
     any_run = logged or baseline
     assert any_run is not None

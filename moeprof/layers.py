@@ -30,7 +30,11 @@ class LayerSelection:
         return self.indices is None
 
     def resolve(self, moe_layers: Collection[int], model: str = "the model") -> list[int]:
-        """The layers to log, ascending, checked against the model's MoE layers."""
+        """The layers to log, ascending, checked against the model's MoE layers.
+
+        The error for layers that are not MoE layers starts with those indices, so a caller
+        can put the setting's name in front (``VLLM_MOE_LAYER=4 is not an MoE layer ...``).
+        """
         available = sorted(moe_layers)
         if not available:
             raise LayerSpecError(f"{model} has no MoE layer to log")
@@ -40,10 +44,10 @@ class LayerSelection:
         if missing:
             which = "is not an MoE layer" if len(missing) == 1 else "are not MoE layers"
             raise LayerSpecError(
-                f"layer {format_layers(missing)} {which} of {model}; "
+                f"{format_layers(missing)} {which} of {model}; "
                 f"its MoE layers are {format_layers(available)}"
             )
-        return sorted(self.indices)
+        return list(self.indices)
 
     def __str__(self) -> str:
         return ALL if self.indices is None else format_layers(self.indices, sep=",")

@@ -4,7 +4,7 @@ The hook writes every route line from one %-format, :func:`route_template`, fill
 a time by :func:`format_routes`::
 
     {"type":"route","req_id":"0","token_idx":7,"layer":12,"topk_ids":[40,48,22,4],
-     "topk_weights":[0.1149279,0.1104169,0.08656031,6.181274e-05],"phase":"prefill"}
+     "topk_weights":[0.1149279,0.1104169,0.08656031,6.181274e-05],"phase":"prefill","step":17}
 
 (one line, no spaces). The vectorised parser (:mod:`moeprof.analysis.fastparse`) reads exactly
 this layout; it takes the literal bytes it expects from :func:`route_layout`, the same template
@@ -38,10 +38,11 @@ SPELLING: dict[str, str] = {
     "type": '"route"',
     "req_id": "%s",  # the id as JSON text (json.dumps): its quotes and escapes included
     "token_idx": "%d",
-    "layer": "%d",  # route_template writes a writer's one layer in as a constant
+    "layer": "%d",  # a column, or a constant written in by route_template
     "topk_ids": "[%d]",  # "[...]": a list of top_k values, comma-separated
     "topk_weights": f"[{WEIGHT_FORMAT}]",
     "phase": '"%s"',  # a name from schema.PHASES
+    "step": "%d",  # the engine step (forward pass) number
 }
 """How the hook writes each field's value: JSON text, with a %-spec where each line has its own
 value (:func:`format_routes` fills it from the field's column)."""
@@ -50,6 +51,9 @@ if set(SPELLING) != set(FIELDS):
     raise RuntimeError(f"moeprof.layout: SPELLING must cover exactly the route fields {FIELDS}")
 
 _PREFILL, _DECODE = PHASES  # the phases a formatted row can be in, by its prefill flag
+_PHASE_BY_FLAG = np.array([_DECODE, _PREFILL], dtype=object)
+"""A row's phase name by its prefill flag: the same two str objects for every row (cheaper
+than a fresh str per row from a numpy string array)."""
 _KEY_OR_SPEC = re.compile(r'"(\w+)":|%[.\d]*[dgs]')
 
 
@@ -63,8 +67,9 @@ def _value(field: str, top_k: int) -> str:
 def route_template(layer: int | None, top_k: int, *, omit: Collection[str] = ()) -> str:
     """One route line as a %-format: ids as ints, weights to float32 precision (7 digits).
 
-    ``layer`` is written in as a constant (the hook logs one layer per writer); None leaves a
-    ``%d`` in its place. ``omit`` leaves out optional fields (lines of other writers).
+    ``layer`` None leaves a ``%d`` in its place, filled per row from :func:`format_routes`'s
+    ``layer`` column (the hook logs several layers through one template); an int is written in
+    as a constant. ``omit`` leaves out optional fields (older logs, lines of other writers).
     """
     parts = []
     for field in FIELDS:
@@ -116,25 +121,36 @@ def format_routes(
     ids: np.ndarray,
     weights: np.ndarray,
     prefill: np.ndarray | None,
+    *,
+    layer: np.ndarray | None = None,
+    step: np.ndarray | None = None,
 ) -> str:
     """Many rows of a :func:`route_template` in one %-format call: about 1.5 us a route, none of
     it per field. ``req_json`` holds each row's request id as JSON text; ``prefill`` each row's
-    phase (True: prefill), None for a template without a phase."""
+    phase (True: prefill), None for a template without a phase; ``layer`` and ``step`` each
+    row's layer and engine step (ints), required where the template has a ``%d`` for them
+    (ValueError names the missing column) and ignored where it has none."""
     n = ids.shape[0]
     if n == 0:
         return ""
     w64 = weights.astype(np.float64)
+    phase = None if prefill is None else _PHASE_BY_FLAG[np.asarray(prefill, bool).view(np.uint8)]
     columns = {
         "req_id": req_json,
         "token_idx": token_idx,
+        "layer": layer,
         "topk_ids": ids,
         "topk_weights": w64,
-        "phase": None if prefill is None else np.where(prefill, _PREFILL, _DECODE),
+        "phase": phase,
+        "step": step,
     }
     width, runs = _cells(template)
     cells = np.empty((n, width), dtype=object)
     for field, a, b in runs:
         column = columns[field]
+        if column is None:
+            name = "prefill" if field == "phase" else field
+            raise ValueError(f"format_routes: the template has a {field} per row; pass {name}")
         if b - a == 1 and np.ndim(column) == 1:
             cells[:, a] = column
         else:

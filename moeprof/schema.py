@@ -31,9 +31,11 @@ PHASES: tuple[Phase, ...] = get_args(Phase)
 """The phases a route can be in. A phase's code (in readers' columns) is its index here."""
 NO_PHASE = -1
 """The phase code of a route without a phase."""
+NO_STEP = -1
+"""What a reader's step column holds for a route without a step (steps are never negative)."""
 
 INT64_MAX = (1 << 63) - 1
-"""The largest integer a reader holds: token_idx, layer and expert ids are int64 columns."""
+"""The largest integer a reader holds: token_idx, layer, step and expert ids are int64 columns."""
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 """The largest weight magnitude a reader holds: weights are float32 columns."""
 
@@ -83,6 +85,9 @@ class RouteRecord(_Record):
     topk_ids: list[int]
     topk_weights: list[float]
     phase: Phase | None = None
+    step: NonNegInt | None = None
+    """The engine step (forward pass) that routed the token: the same for every route of one
+    forward pass, increasing through the log. Optional: older logs and other tools' lack it."""
 
     @model_validator(mode="after")
     def _check(self, info: Any) -> RouteRecord:
@@ -143,14 +148,18 @@ def weights_valid(weights: np.ndarray) -> np.ndarray:
 
 
 def range_problem(
-    token_idx: int, layer: int, ids: Sequence[int], weights: Sequence[float]
+    token_idx: int,
+    layer: int,
+    ids: Sequence[int],
+    weights: Sequence[float],
+    step: int | None = None,
 ) -> str | None:
     """What a valid record holds that a reader's columns cannot (int64, float32), or None.
 
     Not part of :class:`RouteRecord`'s validation: readers report it after the schema's own
     rules, and a record beyond these ranges is still well-formed JSON of the right types.
     """
-    if max(token_idx, layer, *ids) > INT64_MAX:
+    if max(token_idx, layer, step or 0, *ids) > INT64_MAX:
         return "an integer field exceeds 64 bits"
     if any(abs(w) > FLOAT32_MAX for w in weights):
         return "topk_weights has a value beyond float32 range"
@@ -164,14 +173,39 @@ class OutputRecord(_Record):
     prompt_tokens: NonNegInt
     generated_tokens: NonNegInt
     prompt_idx: NonNegInt | None = None
+    num_cached_tokens: NonNegInt | None = None
+    """Prompt tokens served from the prefix cache (vLLM's ``RequestOutput.num_cached_tokens``):
+    they skip the router, so the request's routes start at this position. None: not recorded
+    (outputs files written before moeprof recorded it)."""
+    prompt_token_ids: list[int] | None = None
     output_token_ids: list[int] | None = None
     text: str | None = None
     finish_reason: str | None = None
 
+    @model_validator(mode="after")
+    def _check(self) -> OutputRecord:
+        if self.num_cached_tokens is not None and self.num_cached_tokens > self.prompt_tokens:
+            raise ValueError(
+                f"num_cached_tokens={self.num_cached_tokens} exceeds "
+                f"prompt_tokens={self.prompt_tokens}"
+            )
+        if self.prompt_token_ids is not None and len(self.prompt_token_ids) != self.prompt_tokens:
+            raise ValueError(
+                f"prompt_token_ids has {len(self.prompt_token_ids)} ids but "
+                f"prompt_tokens={self.prompt_tokens}"
+            )
+        return self
+
+    @property
+    def first_routed(self) -> int:
+        """Position of the first routed token: cached prompt tokens are not routed."""
+        return self.num_cached_tokens or 0
+
     @property
     def expected_routes(self) -> int:
-        """Every token the model was fed: the last sampled token is never fed back."""
-        return self.prompt_tokens + max(self.generated_tokens - 1, 0)
+        """Every token the model was fed: the last sampled token is never fed back, and cached
+        prompt tokens (when recorded) are not fed at all."""
+        return max(self.prompt_tokens + max(self.generated_tokens - 1, 0) - self.first_routed, 0)
 
 
 def parse_meta(line: str | bytes) -> MetaRecord:

@@ -1,6 +1,12 @@
 """Builders for small moeprof logs in tests: the hook's key order (``moeprof.layout.FIELDS``)
 and compact separators unless a test wants otherwise. Lines in the hook's exact byte layout are
-built with ``moeprof.layout.route_template`` and ``format_routes``."""
+built with ``moeprof.layout.route_template`` and ``format_routes`` (:func:`hook_line`,
+:func:`hook_lines`).
+
+Like the hook, :func:`hook_line`, :func:`hook_lines`, :func:`sequential_routes` and
+:func:`skewed_routes` write each route's engine ``step`` unless told not to (``step=None`` /
+``steps=False``: a log as written before the hook logged steps); :func:`route` writes one only
+when given."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any
 import numpy as np
 from typer.testing import CliRunner
 
+from moeprof import layout
 from moeprof.cli import app
 from moeprof.layout import FIELDS
 from moeprof.schema import PHASES
@@ -50,8 +57,10 @@ def route(
     ids: Sequence[int] = (0, 1, 2, 3),
     weights: Sequence[float] = (0.4, 0.3, 0.2, 0.1),
     phase: str | None = None,
+    step: int | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
+    """One route record in the hook's key order; ``phase`` and ``step`` only when given."""
     values: dict[str, Any] = {
         "type": "route",
         "req_id": req_id,
@@ -60,10 +69,60 @@ def route(
         "topk_ids": list(ids),
         "topk_weights": list(weights),
         "phase": phase,
+        "step": step,
     }
-    rec = {f: values[f] for f in FIELDS if f != "phase" or phase is not None}
+    rec = {f: values[f] for f in FIELDS if f not in ("phase", "step") or values[f] is not None}
     rec.update(extra)
     return rec
+
+
+def hook_line(
+    req: str,
+    t: int,
+    layer: int,
+    ids: Sequence[int],
+    weights: Sequence[float],
+    phase: str | None = None,
+    step: int | None = 0,
+) -> str:
+    """A route line exactly as the hook writes it (its template and formatter), without the
+    newline: with a step (as the hook now writes), without one when ``step`` is None (older
+    logs), and without a phase when ``phase`` is None."""
+    return hook_lines(
+        [req], [t], [layer], [ids], [weights], [phase], None if step is None else [step]
+    )[0]
+
+
+def hook_lines(
+    reqs: Sequence[str],
+    token_idx: Sequence[int],
+    layers: Sequence[int],
+    ids: Sequence[Sequence[int]],
+    weights: Sequence[Sequence[float]],
+    phases: Sequence[str | None],
+    steps: Sequence[int | None] | None,
+) -> list[str]:
+    """Route lines exactly as the hook writes them, one per row of the columns, without
+    newlines. Rows whose phase (step) is None, or all rows when ``steps`` is None, leave the
+    field out, as older writers did. Each line comes from the hook's own template (the layer a
+    per-row column) and formatter."""
+    n = len(reqs)
+    steps_ = [None] * n if steps is None else list(steps)
+    out = []
+    for i in range(n):
+        omit = tuple(f for f, v in (("phase", phases[i]), ("step", steps_[i])) if v is None)
+        text = layout.format_routes(
+            layout.route_template(None, len(ids[i]), omit=omit),
+            [json.dumps(reqs[i])],
+            np.array([token_idx[i]]),
+            np.array([ids[i]], np.int64),
+            np.array([weights[i]], np.float64),
+            None if phases[i] is None else np.array([phases[i] == PREFILL]),
+            layer=np.array([layers[i]]),
+            step=None if steps_[i] is None else np.array([steps_[i]]),
+        )
+        out.append(text.removesuffix("\n"))
+    return out
 
 
 def write_log(
@@ -84,10 +143,18 @@ def write_log(
 
 
 def sequential_routes(
-    requests: dict[str, int], layers: Sequence[int] = (12,), k: int = 4, experts: int = 60
+    requests: dict[str, int],
+    layers: Sequence[int] = (12,),
+    k: int = 4,
+    experts: int = 60,
+    *,
+    steps: bool = True,
 ) -> list[dict[str, Any]]:
-    """Valid routes: request r gets positions 0..n-1 at every layer, ids rotating."""
+    """Valid routes: request r gets positions 0..n-1 at every layer, ids rotating. Each token
+    is one engine step (its layers share it), numbered in file order; ``steps=False`` leaves
+    the step out."""
     out = []
+    step = 0
     for req, n in requests.items():
         for t in range(n):
             for layer in layers:
@@ -96,7 +163,8 @@ def sequential_routes(
                     for j in range(k)
                 ]
                 w = [round(0.5 / (j + 1), 4) for j in range(k)]
-                out.append(route(req, t, layer, ids, w))
+                out.append(route(req, t, layer, ids, w, step=step if steps else None))
+            step += 1
     return out
 
 
@@ -108,10 +176,13 @@ def skewed_routes(
     k: int = 4,
     seed: int = 0,
     layers: Sequence[int] = (12,),
+    *,
+    steps: bool = True,
 ) -> list[dict[str, Any]]:
-    """A realistic-shaped log body: each request's prompt prefilled (phase PREFILL), then
-    decode steps with one token per request (DECODE); experts drawn from a skewed fixed
-    distribution, prefill and decode slightly different."""
+    """A realistic-shaped log body: each request's prompt prefilled (phase PREFILL) in a step
+    of its own, then decode steps with one token per request (DECODE); experts drawn from a
+    skewed fixed distribution, prefill and decode slightly different. ``steps=False`` leaves
+    the engine step out."""
     rng = np.random.default_rng(seed)
     base = np.log(rng.dirichlet(np.full(experts, 0.8)))
     shift = rng.normal(0, 0.4, experts)
@@ -128,12 +199,13 @@ def skewed_routes(
         for t in range(prompt):
             for layer in layers:
                 ids, w = pick(PREFILL)
-                out.append(route(str(r), t, layer, ids, w, PREFILL))
+                out.append(route(str(r), t, layer, ids, w, PREFILL, r if steps else None))
     for step in range(generated - 1):
         for r in range(n_requests):
             for layer in layers:
                 ids, w = pick(DECODE)
-                out.append(route(str(r), prompt + step, layer, ids, w, DECODE))
+                engine_step = n_requests + step if steps else None
+                out.append(route(str(r), prompt + step, layer, ids, w, DECODE, engine_step))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,3 +63,82 @@ def test_an_unknown_plot_kind_is_refused_before_any_log_is_read() -> None:
     assert result.exit_code == 2
     assert "Invalid value for '--kind'" in result.output and "'heatmap'" in result.output
     assert "no-such-log" not in result.output
+
+
+# --------------------------------------------------------------------------- generate's layers
+
+
+def _generate_option(name: str) -> TyperOption:
+    (option,) = [p for p in COMMAND.commands["generate"].params if p.name == name]
+    assert isinstance(option, TyperOption)
+    return option
+
+
+def test_log_layer_help_documents_every_form_and_the_default_stays_0() -> None:
+    option = _generate_option("log_layer")
+    assert option.default == "0"
+    for form in ("(12)", "(0,12,23)", "(0-11,23)", "'all'"):
+        assert form in (option.help or ""), form
+    caching = _generate_option("prefix_caching")
+    assert (caching.opts, caching.secondary_opts, caching.default) == (
+        ["--prefix-caching"],
+        ["--no-prefix-caching"],
+        False,
+    )
+
+
+@pytest.mark.parametrize("bad", ["1-x", "5-2", "twelve", "-1", "1,,2"])
+def test_a_bad_log_layer_is_one_line_and_exit_2_before_any_file_is_read(bad: str) -> None:
+    result = runner.invoke(
+        app, ["generate", "--prompts", "no-such-prompts.txt", "--log-layer", bad]
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --log-layer: "), result.output
+    assert "no-such-prompts" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "layers", "said"),
+    [
+        ([], "0", "layer 0, prefix caching off"),
+        (["--log-layer", "1"], "1", "layer 1, prefix caching off"),
+        (["--log-layer", "3,0-1", "--prefix-caching"], "0-1,3", "layers 0-1,3, prefix caching on"),
+        (
+            ["--log-layer", "all", "--no-prefix-caching"],
+            "all",
+            "every MoE layer, prefix caching off",
+        ),
+    ],
+)
+def test_generate_passes_the_selection_and_prefix_caching_to_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], layers: str, said: str
+) -> None:
+    from moeprof import generate
+    from moeprof.errors import UserError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2+2?\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8, "num_hidden_layers": 2}')
+    jobs: list[generate.Job] = []
+
+    def no_engine(job: generate.Job, on_event: Any) -> dict[str, Any]:
+        jobs.append(job)
+        raise UserError("stopped before the engine")
+
+    monkeypatch.setattr(generate, "run_job", no_engine)
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            *("--prompts", str(prompts), "--model", str(model), "--out-dir", str(tmp_path)),
+            *args,
+        ],
+    )
+    assert result.exit_code == 2 and "stopped before the engine" in result.output
+    (job,) = jobs
+    assert str(job.layers) == layers
+    assert job.settings.prefix_caching is ("--prefix-caching" in args)
+    assert said in " ".join(result.output.split())

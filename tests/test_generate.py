@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+import types
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from moeprof import generate
+from moeprof import engine_run, generate
 from moeprof.errors import UserError
+from moeprof.layers import parse_layers
 from moeprof.schema import OutputRecord
 
 
@@ -31,7 +36,7 @@ def model_dir(tmp_path: Path) -> Path:
 
 def _prepare(prompts_file: Path, model_dir: Path, out: Path, **kw: Any) -> generate.Job:
     return generate.prepare(
-        prompts_file, out_dir=out, log=None, layer=2, model=str(model_dir), **kw
+        prompts_file, out_dir=out, log=None, model=str(model_dir), **({"layer": 2} | kw)
     )
 
 
@@ -43,7 +48,8 @@ def test_prepare_builds_the_settings_and_runs_and_makes_the_folder(
     assert out.is_dir()
     assert job.settings.prompts == ["What is 2+2?", "What is 3+3?"]
     assert job.settings.model == str(model_dir.absolute())
-    assert (job.settings.max_tokens, job.settings.repeat, job.layer) == (16, 3, 2)
+    assert (job.settings.max_tokens, job.settings.repeat, str(job.layers)) == (16, 3, "2")
+    assert job.settings.prefix_caching is False
     assert job.total_prompts == 6
     assert job.paths == {
         "log": out / "moe_routes.jsonl",
@@ -75,6 +81,66 @@ def test_files_of_a_previous_run_are_refused_before_anything_starts(
     with pytest.raises(UserError, match=r"timing\.json: already exists \(use --force to overwr"):
         _prepare(prompts_file, model_dir, out)
     assert _prepare(prompts_file, model_dir, out, force=True).force
+
+
+@pytest.mark.parametrize(
+    ("layer", "canonical"),
+    [
+        (0, "0"),
+        (12, "12"),
+        ("1", "1"),
+        ("23, 0,12", "0,12,23"),
+        ("0-11,23", "0-11,23"),
+        (" ALL ", "all"),
+        (parse_layers("3-4"), "3-4"),
+    ],
+)
+def test_layer_selections_are_parsed_up_front_and_passed_on_in_canonical_form(
+    prompts_file: Path, model_dir: Path, tmp_path: Path, layer: Any, canonical: str
+) -> None:
+    job = _prepare(prompts_file, model_dir, tmp_path / "out", layer=layer)
+    assert str(job.layers) == canonical
+    env = generate._engine_env(job.settings, tmp_path / "l.jsonl", job.layers, False)
+    assert env["VLLM_MOE_LAYER"] == canonical
+    assert "VLLM_MOE_LAYER" not in generate._engine_env(job.settings, None, job.layers, False)
+
+
+def test_the_default_layer_is_0(prompts_file: Path, model_dir: Path, tmp_path: Path) -> None:
+    job = generate.prepare(prompts_file, out_dir=tmp_path / "out", log=None, model=str(model_dir))
+    assert str(job.layers) == "0"
+
+
+@pytest.mark.parametrize(
+    ("layer", "reason"),
+    [
+        ("1-x", "--log-layer: '1-x' is not a layer selection"),
+        ("5-2", "--log-layer: '5-2': range 5-2 runs backwards"),
+        ("", "--log-layer: no layer given"),
+        (-1, "--log-layer: '-1' is not a layer selection"),
+        (True, "--log-layer: True is not a layer selection"),
+    ],
+)
+def test_a_bad_layer_selection_is_refused_before_anything_else(
+    model_dir: Path, tmp_path: Path, layer: Any, reason: str
+) -> None:
+    """Even before a missing prompts file: the typo is in the same command line."""
+    with pytest.raises(UserError, match="^" + reason.replace("(", r"\(")):
+        _prepare(tmp_path / "nope.txt", model_dir, tmp_path / "out", layer=layer)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_engine_refuses_a_bad_layer_before_starting_a_process(tmp_path: Path) -> None:
+    settings = generate.Settings(model="m", model_label="m", prompts=["x"])
+    with pytest.raises(UserError, match="not a layer selection"):
+        generate.run_engine(
+            "logged",
+            settings,
+            log=tmp_path / "l.jsonl",
+            layer="twelve",
+            vllm_log=tmp_path / "vllm.txt",
+            on_event=lambda *_: None,
+        )
+    assert not (tmp_path / "vllm.txt").exists()
 
 
 def test_a_missing_prompts_file_is_named_first(model_dir: Path, tmp_path: Path) -> None:
@@ -111,9 +177,11 @@ def test_run_job_runs_each_arm_and_writes_timing_and_outputs(
     out = tmp_path / "out"
     job = _prepare(prompts_file, model_dir, out, num_prompts=1)
     calls: list[tuple[str, Path | None, Path]] = []
+    layers: list[str] = []
 
     def fake_engine(name: str, settings: generate.Settings, **kw: Any) -> dict[str, Any]:
         calls.append((name, kw["log"], kw["vllm_log"]))
+        layers.append(str(kw["layer"]))
         kw["on_event"](name, {"event": "engine_starting"})
         if kw["log"] is not None:
             kw["log"].write_text('{"type":"meta"}\n' + '{"type":"route"}\n' * 5)
@@ -127,7 +195,9 @@ def test_run_job_runs_each_arm_and_writes_timing_and_outputs(
         ("logged", out / "moe_routes.jsonl", out / "vllm-logged.log"),
     ]
     assert [name for name, _ in events] == ["baseline", "logged"]
+    assert layers == ["2", "2"]
     assert json.loads((out / "timing.json").read_text()) == report
+    assert report["log"]["layers"] == "2" and report["prefix_caching"] is False
     assert report["log"]["routes"] == 5 and report["identical_tokens"] is True
     assert report["overhead_pct"] == pytest.approx(10.0)
     (line,) = (out / "outputs.jsonl").read_text().splitlines()
@@ -137,3 +207,88 @@ def test_run_job_runs_each_arm_and_writes_timing_and_outputs(
         "outputs.jsonl",
         "timing.json",
     ]
+
+
+# --------------------------------------------------------------------------- prefix caching
+
+
+def _request_output(req: str, prompt: list[int], generated: list[int], cached: int | None) -> Any:
+    """What vLLM's ``RequestOutput`` gives ``engine_run``: the fields it reads."""
+    out = SimpleNamespace(token_ids=generated, text="t", finish_reason="length")
+    fields = {"request_id": req, "prompt_token_ids": prompt, "outputs": [out]}
+    if cached is not None:
+        fields["num_cached_tokens"] = cached
+    return SimpleNamespace(**fields)
+
+
+def test_outputs_record_the_cached_prompt_tokens_and_the_prompt_ids(tmp_path: Path) -> None:
+    results = [
+        _request_output("0", [5, 6, 7, 8], [1, 2], 0),
+        _request_output("1", [5, 6, 7, 8], [1, 2], 2),
+    ]
+    records = engine_run._output_records(results, rep=1)
+    assert [(r["num_cached_tokens"], r["prompt_token_ids"]) for r in records] == [
+        (0, [5, 6, 7, 8]),
+        (2, [5, 6, 7, 8]),
+    ]
+    path = tmp_path / "outputs.jsonl"
+    generate.write_outputs(path, {"outputs": records})
+    loaded = [OutputRecord.model_validate_json(line) for line in path.read_text().splitlines()]
+    assert [(o.num_cached_tokens, o.expected_routes) for o in loaded] == [(0, 5), (2, 3)]
+    assert loaded[1].prompt_token_ids == [5, 6, 7, 8] and loaded[1].output_token_ids == [1, 2]
+
+
+def test_outputs_without_a_cached_count_leave_it_out_and_old_files_still_load(
+    tmp_path: Path,
+) -> None:
+    (record,) = engine_run._output_records([_request_output("0", [5, 6], [1], None)], rep=0)
+    path = tmp_path / "outputs.jsonl"
+    generate.write_outputs(path, {"outputs": [record]})
+    assert "num_cached_tokens" not in path.read_text()
+    old = '{"req_id":"0","prompt_idx":0,"repeat":0,"prompt_tokens":4,"generated_tokens":3}'
+    rec = OutputRecord.model_validate_json(old)
+    assert (rec.num_cached_tokens, rec.prompt_token_ids, rec.expected_routes) == (None, None, 6)
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_the_engine_gets_prefix_caching_as_the_settings_say(
+    monkeypatch: pytest.MonkeyPatch, caching: bool
+) -> None:
+    seen: dict[str, Any] = {}
+
+    class FakeLLM:
+        def __init__(self, **kw: Any) -> None:
+            seen.update(kw)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
+    settings = generate.Settings(model="m", model_label="m", prompts=["x"], prefix_caching=caching)
+    spec = dataclasses.asdict(settings)
+    engine_run._start_engine(spec, engine_run._Events(-1))
+    assert seen["enable_prefix_caching"] is caching
+    spec.pop("prefix_caching")  # a spec from before the setting: off
+    engine_run._start_engine(spec, engine_run._Events(-1))
+    assert seen["enable_prefix_caching"] is False
+
+
+def test_timing_says_whether_prefix_caching_was_on() -> None:
+    settings = generate.Settings(model="m", model_label="m", prompts=["x"], prefix_caching=True)
+    report = generate.timing_report(settings, _result([1], 1.0), None, None, None)
+    assert report["prefix_caching"] is True and report["settings"]["prefix_caching"] is True
+
+
+def test_the_summary_names_the_layers_and_the_cached_prompt_tokens(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from moeprof.render.generate import print_generate_summary
+
+    settings = generate.Settings(model="m", model_label="m", prompts=["x"], prefix_caching=True)
+    logged = _result([1, 2], 1.0)
+    logged["passes"] = [dict(logged["passes"][0], cached_prompt_tokens=n) for n in (0, 256)]
+    report = generate.timing_report(settings, None, logged, tmp_path / "l.jsonl", 9)
+    report["log"]["layers"] = "0-3"
+    console = Console(record=True, width=200)
+    paths = generate.output_paths(tmp_path, None)
+    print_generate_summary(console, report, paths)
+    text = console.export_text()
+    assert "prompt tokens served from the cache per pass: 0, 256 (of 4;" in text
+    assert "(9 routes, layers 0-3)" in text

@@ -75,6 +75,8 @@ def test_generate_writes_timing_with_both_runs_and_their_overhead(run: Path) -> 
     assert isinstance(timing["overhead_pct"], float)
     assert timing["identical_tokens"] is True
     assert timing["prefix_caching"] is False
+    assert timing["log"]["layers"] == "2"
+    assert timing["log"]["cached_prompt_tokens"] == [0]
     assert timing["settings"]["max_tokens"] == NEW_TOKENS and timing["settings"]["seed"] == 1234
 
 
@@ -83,6 +85,9 @@ def test_generate_writes_one_output_record_per_request(run: Path) -> None:
     assert [r["prompt_idx"] for r in records] == list(range(len(QUESTIONS)))
     assert all(len(r["output_token_ids"]) == r["generated_tokens"] == NEW_TOKENS for r in records)
     assert all(isinstance(r["text"], str) and r["req_id"] for r in records)
+    # prefix caching off: nothing cached, and the prompt's ids are there to compare runs with
+    assert all(r["num_cached_tokens"] == 0 for r in records)
+    assert all(len(r["prompt_token_ids"]) == r["prompt_tokens"] for r in records)
 
 
 def test_the_log_passes_validate_with_the_outputs_exactly(run: Path) -> None:

@@ -23,6 +23,7 @@ from moeprof.hook.config import HookConfig, load_config
 from moeprof.hook.ring import HostRing, RingFull
 from moeprof.hook.rows import RowMapper, StepBatch
 from moeprof.hook.writer import LogWriter, StepItem, format_routes, route_template
+from moeprof.layers import parse_layers
 from moeprof.schema import parse_meta, parse_route
 
 META = {
@@ -45,7 +46,7 @@ def _batch(req_ids: list[str], counts: list[int], computed: list[int]) -> StepBa
 
 def _map(mapper: RowMapper, *steps: tuple[StepBatch, int]) -> list[tuple[str, int, int]]:
     """(req_id, token_idx, row) of every row logged, in log order."""
-    mapped = mapper.map((batch, base, {}, ()) for batch, base in steps)
+    mapped = mapper.map((batch, base, {}, (), i) for i, (batch, base) in enumerate(steps))
     req = np.repeat(np.array(mapped.seg_req, dtype=object), mapped.seg_len)
     return list(zip(req.tolist(), mapped.token_idx.tolist(), mapped.rows.tolist(), strict=True))
 
@@ -77,14 +78,14 @@ def test_recomputed_tokens_after_preemption_are_dropped() -> None:
     mapper = RowMapper()
     _map(mapper, (_batch(["a"], [3], [0]), 0))  # tokens 0..2 logged, then "a" is preempted
     assert _map(mapper, (_batch(["a"], [5], [0]), 8)) == [("a", 3, 11), ("a", 4, 12)]
-    mapped = mapper.map([(_batch(["a"], [2], [0]), 0, {}, ())])  # all of it seen already
+    mapped = mapper.map([(_batch(["a"], [2], [0]), 0, {}, (), 2)])  # all of it seen already
     assert mapped.skipped == 2 and len(mapped.rows) == 0
 
 
 def test_a_finished_request_id_used_again_starts_from_scratch() -> None:
     mapper = RowMapper()
-    mapper.map([(_batch(["a"], [3], [0]), 0, {"a": 3}, ())])
-    mapped = mapper.map([(_batch(["a"], [2], [0]), 0, {"a": 2}, {"a"})])  # new "a", same name
+    mapper.map([(_batch(["a"], [3], [0]), 0, {"a": 3}, (), 0)])
+    mapped = mapper.map([(_batch(["a"], [2], [0]), 0, {"a": 2}, {"a"}, 1)])  # new "a", same name
     assert mapped.skipped == 0
     assert mapped.token_idx.tolist() == [0, 1] and mapped.prefill.tolist() == [True, True]
 
@@ -92,7 +93,7 @@ def test_a_finished_request_id_used_again_starts_from_scratch() -> None:
 def test_a_batch_layout_that_does_not_add_up_is_refused() -> None:
     batch = StepBatch(["a"], [0, 4], [0], 5)
     with pytest.raises(ValueError, match="does not add up"):
-        RowMapper().map([(batch, 0, {}, ())])
+        RowMapper().map([(batch, 0, {}, (), 0)])
 
 
 def test_formatted_routes_parse_as_schema_records() -> None:
@@ -103,12 +104,14 @@ def test_formatted_routes_parse_as_schema_records() -> None:
         np.array([[1, 7], [2, 0]], dtype=np.int32),
         np.array([[0.5, 0.25], [1e-8, 0.125]], dtype=np.float32),
         np.array([True, False]),
+        step=np.array([4, 9]),
     )
     meta = parse_meta(json.dumps(META))
     routes = [parse_route(line, meta) for line in text.splitlines()]
     assert [r.req_id for r in routes] == ["r-1", 'r"2']
     assert routes[1].topk_weights == pytest.approx([1e-8, 0.125])
     assert [r.phase for r in routes] == ["prefill", "decode"]
+    assert [r.step for r in routes] == [4, 9] and {r.layer for r in routes} == {3}
 
 
 def test_non_finite_weights_are_written_so_readers_can_name_them() -> None:
@@ -119,13 +122,15 @@ def test_non_finite_weights_are_written_so_readers_can_name_them() -> None:
         np.array([[0, 1]]),
         np.array([[np.nan, np.inf]]),
         np.array([True]),
+        step=np.array([0]),
     )
     assert '"topk_weights":[NaN,Infinity]' in text
 
 
-def _writer(path: Path, ring_rows: int = 64) -> LogWriter:
-    ring = HostRing(ring_rows, 2, pin=False)
-    return LogWriter(path, META, 3, 2, compat.external_request_id, overwrite=False, ring=ring)
+def _writer(path: Path, ring_rows: int = 64, layers: tuple[int, ...] = (3,)) -> LogWriter:
+    ring = HostRing(ring_rows, len(layers), 2, pin=False)
+    meta = META | {"layers_logged": list(layers)}
+    return LogWriter(path, meta, layers, 2, compat.external_request_id, overwrite=False, ring=ring)
 
 
 def _item(
@@ -140,7 +145,8 @@ def _item(
     row = start % w.ring.capacity
     w.ring.ids_np[row : row + n] = [1, 2]
     w.ring.weights_np[row : row + n] = 0.5
-    return StepItem(batch, start, None, prompt_lens or {}, finished)
+    step = w._submitted  # the collector numbers the steps it hands over
+    return StepItem(batch, start, None, prompt_lens or {}, finished, step)
 
 
 def test_writer_logs_every_real_token_once_with_phase_and_user_request_id(tmp_path: Path) -> None:
@@ -194,6 +200,9 @@ def test_a_failing_write_stops_logging_and_keeps_the_log_whole(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writer_module.os, "write", disk_fills_up)
+    # the hook logs under vLLM's logger, which does not propagate once vLLM has configured it
+    monkeypatch.setattr(writer_module.logger, "handlers", [caplog.handler])
+    monkeypatch.setattr(writer_module.logger, "propagate", False)
     log = tmp_path / "log.jsonl"
     w = _writer(log)
     w.submit(_item(w, _batch(["a"], [2], [0])))
@@ -218,7 +227,12 @@ def test_external_request_id_strips_the_engine_suffix(monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize(
     ("layer", "message"),
-    [("x", "VLLM_MOE_LAYER='x' is not a layer index"), ("-1", "VLLM_MOE_LAYER=-1 must be >= 0")],
+    [
+        ("x", "VLLM_MOE_LAYER: 'x' is not a layer selection"),
+        ("-1", "VLLM_MOE_LAYER: '-1' is not a layer selection"),
+        ("3-1", "VLLM_MOE_LAYER: '3-1': range 3-1 runs backwards"),
+        ("1,,2", "VLLM_MOE_LAYER: '1,,2' is not a layer selection"),
+    ],
 )
 def test_bad_layer_settings_are_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, layer: str, message: str
@@ -266,7 +280,7 @@ def test_a_full_ring_wakes_the_writer_and_the_step_goes_on_once_rows_are_written
 
 
 def test_a_ring_nobody_empties_gives_up_after_its_timeout() -> None:
-    ring = HostRing(4, 2, pin=False)
+    ring = HostRing(4, 1, 2, pin=False)
     ring.reserve(3, lambda: None, timeout=1)
     woken = []
     with pytest.raises(RingFull, match="not freed host memory"):
@@ -275,7 +289,7 @@ def test_a_ring_nobody_empties_gives_up_after_its_timeout() -> None:
 
 
 def test_a_step_that_would_cross_the_ring_end_starts_at_row_zero() -> None:
-    ring = HostRing(8, 2, pin=False)
+    ring = HostRing(8, 1, 2, pin=False)
     assert ring.reserve(5, lambda: None, timeout=1) == 0
     ring.release(5)
     start = ring.reserve(4, lambda: None, timeout=1)
@@ -317,11 +331,19 @@ def test_generate_finds_the_refusal_reason_in_a_failed_engines_output(tmp_path: 
     engine_log = tmp_path / "vllm-logged.log"
     engine_log.write_text(
         "INFO 11-30 starting\n"
+        "(EngineCore pid=1) INFO [collector.py:120] moeprof: logging MoE layers 0-3 of tiny\n"
         "Traceback (most recent call last):\n"
         f"moeprof.errors.HookRefusal: {HookRefusal(reason)}\n"
         "RuntimeError: Engine core initialization failed. See root cause above.\n"
     )
     assert failure_reason(engine_log) == reason
+    engine_log.write_text(
+        "(EngineCore pid=1) INFO [collector.py:120] moeprof: logging MoE layers 0-3 of tiny\n"
+        "Traceback (most recent call last):\n"
+        "MemoryError: out of memory\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    )
+    assert failure_reason(engine_log) == "MemoryError: out of memory"  # not the hook's info line
 
 
 # --- Configuration from the environment ----------------------------------------------------------
@@ -343,7 +365,11 @@ def test_config_reads_path_layer_and_overwrite(
     log_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(config.ENV_LAYER, " 12 ")
-    assert load_config() == HookConfig(path=log_env, layer=12, overwrite=False)
+    assert load_config() == HookConfig(path=log_env, layers=parse_layers("12"), overwrite=False)
+    monkeypatch.setenv(config.ENV_LAYER, "all")
+    assert load_config().layers.is_all
+    monkeypatch.setenv(config.ENV_LAYER, "0-2,5")
+    assert load_config().layers.indices == (0, 1, 2, 5)
     for off in ("0", "false", ""):
         monkeypatch.setenv(config.ENV_OVERWRITE, off)
         assert load_config().overwrite is False
@@ -394,14 +420,18 @@ def test_only_the_first_process_of_a_launch_checks_the_path(log_env: Path) -> No
 
 
 class FakeRouter:
-    """Stands in for vLLM's ``BaseRouter``: returns ``(topk_weights, topk_ids)``."""
+    """Stands in for vLLM's ``BaseRouter``: returns ``(topk_weights, topk_ids)``; ``shift``
+    moves the ids, so that layers can route differently."""
 
     top_k = 2
     global_num_experts = 8
 
+    def __init__(self, shift: int = 0) -> None:
+        self.shift = shift
+
     def _compute_routing(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
-        ids = (torch.arange(2 * n).reshape(n, 2) % 8).to(torch.int64)
+        ids = ((torch.arange(2 * n).reshape(n, 2) + self.shift) % 8).to(torch.int64)
         weights = torch.full((n, 2), 0.25, dtype=torch.float32) + ids / 100
         return weights, ids
 
@@ -467,8 +497,9 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compat, "vllm_version", lambda: "0.0.fake")
 
 
-def _start(worker: Any, tmp_path: Path, layer: int = 1) -> StepCollector | None:
-    return StepCollector.start(worker, HookConfig(tmp_path / "log.jsonl", layer, overwrite=False))
+def _start(worker: Any, tmp_path: Path, layer: int | str = 1) -> StepCollector | None:
+    selection = parse_layers(str(layer))
+    return StepCollector.start(worker, HookConfig(tmp_path / "log.jsonl", selection, False))
 
 
 def test_engine_facts_are_read_from_the_config(fake_vllm: None) -> None:
@@ -552,7 +583,7 @@ def test_each_data_parallel_rank_writes_its_own_log(fake_vllm: None, tmp_path: P
     collector.close()
     meta = json.loads((tmp_path / "log.dp1.jsonl").read_text())
     assert (meta["data_parallel_rank"], meta["data_parallel_size"]) == (1, 2)
-    assert collector.capture.rows.shape == (64 * 2, 4)  # both ranks' tokens reach the router
+    assert collector.capture.rows.shape == (64 * 2, 1, 4)  # both ranks' tokens reach the router
 
 
 def test_meta_describes_the_engine_and_falls_back_to_the_routers_expert_count(
@@ -652,7 +683,7 @@ def test_a_patched_worker_logs_real_steps_after_warm_up_only(
     fake_vllm: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", raising=False)
-    hook_config = HookConfig(tmp_path / "log.jsonl", 1, overwrite=False)
+    hook_config = HookConfig(tmp_path / "log.jsonl", parse_layers("1"), overwrite=False)
     runners = [FakeMoERunner(0), FakeMoERunner(1)]
 
     class FakeWorker:
@@ -703,12 +734,134 @@ def test_a_patched_worker_logs_real_steps_after_warm_up_only(
     ]
     assert [r.topk_ids for r in routes] == [[0, 1], [2, 3], [4, 5], [0, 1]]
     assert routes[1].topk_weights == pytest.approx([0.27, 0.28])
+    assert [r.step for r in routes] == [0, 0, 0, 1]  # the warm-up step is not counted
     assert "_compute_routing" not in vars(runners[0].router)  # only the logged layer is tapped
 
 
 def test_a_worker_module_without_the_worker_class_is_an_unsupported_vllm(
     fake_vllm: None, tmp_path: Path
 ) -> None:
-    hook_config = HookConfig(tmp_path / "log.jsonl", 1, overwrite=False)
+    hook_config = HookConfig(tmp_path / "log.jsonl", parse_layers("1"), overwrite=False)
     with pytest.raises(HookRefusal, match=r"vllm\.v1\.worker\.gpu_worker\.Worker has changed"):
         install._patch_worker(types.SimpleNamespace(Worker=object), hook_config)
+
+
+# --- Several layers in one log -----------------------------------------------------------------
+
+
+def test_the_writer_emits_every_logged_layer_of_a_token_together(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    w = _writer(log, layers=(0, 2))
+    n = 2
+    start = w.ring.reserve(n, w.wake, timeout=5)
+    row = start % w.ring.capacity
+    w.ring.ids_np[row : row + n, 0] = [1, 2]  # layer 0
+    w.ring.ids_np[row : row + n, 1] = [5, 6]  # layer 2
+    w.ring.weights_np[row : row + n, 0] = 0.5
+    w.ring.weights_np[row : row + n, 1] = 0.25
+    w.submit(StepItem(_batch(["a"], [2], [0]), start, None, {"a": 2}, frozenset(), 7))
+    w.close()
+    lines = log.read_text().splitlines()
+    meta = parse_meta(lines[0])
+    routes = [parse_route(line, meta) for line in lines[1:]]
+    assert [(r.token_idx, r.layer, r.topk_ids, r.topk_weights, r.step) for r in routes] == [
+        (0, 0, [1, 2], [0.5, 0.5], 7),
+        (0, 2, [5, 6], [0.25, 0.25], 7),
+        (1, 0, [1, 2], [0.5, 0.5], 7),
+        (1, 2, [5, 6], [0.25, 0.25], 7),
+    ]
+    assert w.stats()["routes"] == 4 and w.stats()["layers"] == 2
+
+
+def test_all_logs_every_moe_layer_and_skips_dense_ones(fake_vllm: None, tmp_path: Path) -> None:
+    """Layer 0 and 3 are dense (no MoE runner), as DeepSeek's first layers are."""
+    runners = [FakeMoERunner(i, router=FakeRouter(shift=i)) for i in (1, 2, 4)]
+    collector = _start(_worker(runners), tmp_path, layer="all")
+    assert collector is not None
+    assert collector.capture.rows.shape == (64, 3, 4)  # token-major: every layer of a token
+    for runner in runners:
+        runner.router._compute_routing(torch.zeros(2, 4))
+    ids = collector.capture.rows[:2, :, :2]
+    assert ids[:, 0].tolist() == [[1, 2], [3, 4]]  # layer 1 in slot 0
+    assert ids[:, 2].tolist() == [[4, 5], [6, 7]]  # layer 4 in slot 2
+    collector.close()
+    meta = parse_meta((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert meta.layers_logged == [1, 2, 4]
+
+
+def test_naming_dense_layers_is_refused_with_the_moe_layers(
+    fake_vllm: None, tmp_path: Path
+) -> None:
+    worker = _worker([FakeMoERunner(i) for i in (1, 2, 4)])
+    with pytest.raises(
+        HookRefusal,
+        match=r"^moeprof: VLLM_MOE_LAYER=0, 3 are not MoE layers of fake/moe; "
+        r"its MoE layers are 1-2, 4$",
+    ):
+        _start(worker, tmp_path, layer="0-4")
+
+
+def test_layers_with_different_top_k_are_refused(fake_vllm: None, tmp_path: Path) -> None:
+    wide = FakeRouter()
+    wide.top_k = 4
+    worker = _worker([FakeMoERunner(1), FakeMoERunner(2, router=wide)])
+    with pytest.raises(HookRefusal, match="different numbers of experts"):
+        _start(worker, tmp_path, layer="all")
+
+
+def test_pipeline_stages_log_only_selections_they_hold_whole(
+    fake_vllm: None, tmp_path: Path
+) -> None:
+    worker = _worker([FakeMoERunner(0), FakeMoERunner(1)], pipeline_parallel_size=2)
+    assert _start(worker, tmp_path, layer="2-3") is None  # the other stage's layers
+    with pytest.raises(HookRefusal, match="this pipeline stage holds only layers 1 of them"):
+        _start(worker, tmp_path, layer="1-2")
+    with pytest.raises(HookRefusal, match="all with pipeline parallelism is not supported"):
+        _start(worker, tmp_path, layer="all")
+    collector = _start(worker, tmp_path, layer="0,1")
+    assert collector is not None
+    collector.close()
+
+
+def test_the_host_ring_is_bounded_by_bytes_but_holds_two_of_the_largest_steps() -> None:
+    from moeprof.hook.collector import RING_BYTES, ring_rows
+
+    one_layer = ring_rows(max_tokens=8192, row_bytes=32)
+    assert one_layer * 32 == RING_BYTES
+    sixty_layers = ring_rows(max_tokens=8192, row_bytes=60 * 32)
+    assert sixty_layers == 2 * 8192  # the floor, not 60 times the one-layer ring
+    assert ring_rows(max_tokens=16, row_bytes=60 * 32) * 60 * 32 <= RING_BYTES
+
+
+def test_a_patched_worker_numbers_its_steps_for_every_layer(
+    fake_vllm: None, tmp_path: Path
+) -> None:
+    runners = [FakeMoERunner(i, router=FakeRouter(shift=3 * i)) for i in range(3)]
+    worker = _worker(runners)
+    collector = _start(worker, tmp_path, layer="0,2")
+    assert collector is not None
+    collector.armed = True
+    runner = worker.model_runner
+    new = [types.SimpleNamespace(req_id="r", prompt_token_ids=[1, 2])]
+    for step, (first, count) in enumerate([(0, 2), (2, 1), (3, 1)]):
+        runner.input_batch.req_ids = ["r"]
+        runner.input_batch.num_computed_tokens_cpu[0] = first
+        runner.query_start_loc.np[:2] = [0, count]
+        for r in runners:
+            r.router._compute_routing(torch.zeros(count, 4))
+        collector.after_step(_scheduled(count, new if step == 0 else ()))
+    collector.close()
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    meta = parse_meta(lines[0])
+    routes = [parse_route(line, meta) for line in lines[1:]]
+    assert [(r.token_idx, r.layer, r.step, r.phase) for r in routes] == [
+        (0, 0, 0, "prefill"),
+        (0, 2, 0, "prefill"),
+        (1, 0, 0, "prefill"),
+        (1, 2, 0, "prefill"),
+        (2, 0, 1, "decode"),
+        (2, 2, 1, "decode"),
+        (3, 0, 2, "decode"),
+        (3, 2, 2, "decode"),
+    ]
+    assert routes[0].topk_ids == [0, 1] and routes[1].topk_ids == [6, 7]  # layer 2: shift 6

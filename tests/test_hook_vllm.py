@@ -1,8 +1,9 @@
 """The hook inside real vLLM (the CPU build) on the embedded tiny model.
 
 Engine starts are the cost here (30-60 s each on two cores), so one module-scoped pair of runs,
-compiled as users run it, carries most of the tests; eager mode, a second layer, the flag-off
-probe and the failure cases start one engine each.
+compiled as users run it and logging every layer, carries most of the tests; eager mode with a
+list of layers, one layer under preemption, the flag-off probe and the failure cases start one
+engine each.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ PROMPTS = [
     "Every morning Tom reads 20 pages of his 340 page book. How many days does he need?",
 ]
 MAX_TOKENS = 12
-LAYER = 1
+LAYERS = list(range(CONFIG["num_hidden_layers"]))
+"""The tiny model's MoE layers: all of them."""
 TOP_K = CONFIG["num_experts_per_tok"]
 
 
@@ -48,7 +50,7 @@ def _settings(**overrides: Any) -> generate.Settings:
     return generate.Settings(**(base | overrides))
 
 
-def _run(name: str, tmp: Path, log: Path | None, layer: int = LAYER, **kw: Any) -> dict:
+def _run(name: str, tmp: Path, log: Path | None, layer: int | str = "all", **kw: Any) -> dict:
     return generate.run_engine(
         name,
         _settings(**kw),
@@ -88,14 +90,55 @@ def _by_request(routes: list[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
-def test_logged_run_has_one_route_per_real_token(runs: dict) -> None:
+def test_logged_run_has_one_route_per_real_token_and_layer(runs: dict) -> None:
     grouped = _by_request(runs["routes"])
     outputs = runs["logged"]["outputs"]
     assert len(grouped) == len(PROMPTS)
     for out in outputs:
-        positions = [r["token_idx"] for r in grouped[out["req_id"]]]
-        assert len(positions) == out["prompt_tokens"] + out["generated_tokens"] - 1
-        assert sorted(positions) == list(range(len(positions)))
+        expected = list(range(out["prompt_tokens"] + out["generated_tokens"] - 1))
+        for layer in LAYERS:
+            positions = [r["token_idx"] for r in grouped[out["req_id"]] if r["layer"] == layer]
+            assert sorted(positions) == expected, (out["req_id"], layer)
+
+
+def test_a_tokens_layers_are_written_together_in_layer_order(runs: dict) -> None:
+    keys = [(r["req_id"], r["token_idx"], r["step"]) for r in runs["routes"]]
+    n = len(LAYERS)
+    for i in range(0, len(keys), n):
+        assert len(set(keys[i : i + n])) == 1
+        assert [r["layer"] for r in runs["routes"][i : i + n]] == LAYERS
+
+
+def test_all_rows_of_one_forward_pass_share_a_step_and_steps_increase(runs: dict) -> None:
+    routes = runs["routes"]
+    steps = [r["step"] for r in routes]
+    assert steps == sorted(steps)  # the log is in step order
+    assert sorted(set(steps)) == list(range(len(set(steps))))  # every logged pass numbered
+    decode_per_step: dict[int, list[str]] = defaultdict(list)
+    for r in routes:
+        if r["phase"] == "decode" and r["layer"] == LAYERS[0]:
+            decode_per_step[r["step"]].append(r["req_id"])
+    for step, reqs in decode_per_step.items():  # one decode token per request per pass
+        assert len(reqs) == len(set(reqs)), step
+    for req, rs in _by_request(routes).items():
+        first = [r for r in rs if r["layer"] == LAYERS[0]]
+        prefill_steps = {r["step"] for r in first if r["phase"] == "prefill"}
+        decode_steps = [r["step"] for r in first if r["phase"] == "decode"]
+        assert max(prefill_steps) < min(decode_steps), req
+        assert decode_steps == list(range(decode_steps[0], decode_steps[0] + len(decode_steps)))
+
+
+def test_the_engine_reports_what_logging_cost(runs: dict) -> None:
+    text = (runs["tmp"] / "logged.txt").read_text()
+    stats = [
+        json.loads(line.split("moeprof: stats ", 1)[1])
+        for line in text.splitlines()
+        if "moeprof: stats " in line
+    ]
+    assert len(stats) == 1, text[-2000:]
+    (s,) = stats
+    assert s["routes"] == len(runs["routes"]) and s["layers"] == len(LAYERS)
+    assert s["writer_cpu_sec"] > 0 and s["ring_bytes"] > 0 and s["device_bytes"] > 0
 
 
 def test_req_ids_are_the_ids_of_the_request_outputs(runs: dict) -> None:
@@ -113,7 +156,7 @@ def test_prompt_tokens_are_prefill_and_fed_back_tokens_are_decode(runs: dict) ->
 def test_meta_header_describes_the_run(runs: dict) -> None:
     meta = runs["meta"]
     assert meta["type"] == "meta"
-    assert meta["layers_logged"] == [LAYER]
+    assert meta["layers_logged"] == LAYERS
     assert meta["top_k"] == TOP_K
     assert meta["num_experts"] == CONFIG["num_experts"]
     assert meta["prefix_caching"] is False
@@ -128,14 +171,15 @@ def test_logging_does_not_change_generated_tokens(runs: dict) -> None:
 
 def test_every_route_has_top_k_distinct_experts_and_finite_weights(runs: dict) -> None:
     for r in runs["routes"]:
-        assert r["layer"] == LAYER
+        assert r["layer"] in LAYERS
         assert len(set(r["topk_ids"])) == TOP_K
         assert all(0 <= e < CONFIG["num_experts"] for e in r["topk_ids"])
         assert np.isfinite(r["topk_weights"]).all()
 
 
-def _hf_router_topk(layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per prompt: router probabilities of every prompt token at ``layer``, from transformers."""
+@pytest.fixture(scope="module")
+def hf_router_probs() -> list[list[np.ndarray]]:
+    """Per prompt, per layer: router probabilities of every prompt token, from transformers."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     path = tiny_model_path()
@@ -146,21 +190,21 @@ def _hf_router_topk(layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = model(ids, output_router_logits=True)
-        probs = torch.softmax(out.router_logits[layer].float(), dim=-1)
-        result.append(probs.numpy())
+        result.append([torch.softmax(lg.float(), dim=-1).numpy() for lg in out.router_logits])
     return result
 
 
-def _assert_routes_match_reference(routes: list[dict], outputs: list[dict], layer: int) -> None:
-    reference = _hf_router_topk(layer)
+def _assert_routes_match_reference(
+    routes: list[dict], outputs: list[dict], layers: list[int], reference: list[list[np.ndarray]]
+) -> None:
     grouped = _by_request(routes)
     checked = 0
     for out in outputs:
-        probs = reference[out["prompt_idx"]]
-        assert probs.shape[0] == out["prompt_tokens"]
         for r in grouped[out["req_id"]]:
             if r["phase"] != "prefill":
                 continue
+            probs = reference[out["prompt_idx"]][r["layer"]]
+            assert probs.shape[0] == out["prompt_tokens"]
             p = probs[r["token_idx"]]
             kth = np.sort(p)[-TOP_K]
             ours = set(r["topk_ids"])
@@ -170,23 +214,28 @@ def _assert_routes_match_reference(routes: list[dict], outputs: list[dict], laye
             for expert, weight in zip(r["topk_ids"], r["topk_weights"], strict=False):
                 assert weight == pytest.approx(p[expert], abs=1e-4)
             checked += 1
-    assert checked == sum(o["prompt_tokens"] for o in outputs)
+    assert checked == sum(o["prompt_tokens"] for o in outputs) * len(layers)
 
 
-def test_logged_routes_equal_transformers_router_top_k(runs: dict) -> None:
-    _assert_routes_match_reference(runs["routes"], runs["logged"]["outputs"], LAYER)
+def test_logged_routes_equal_transformers_router_top_k(runs: dict, hf_router_probs: list) -> None:
+    _assert_routes_match_reference(
+        runs["routes"], runs["logged"]["outputs"], LAYERS, hf_router_probs
+    )
 
 
-def test_eager_mode_logs_another_layer_with_its_own_routes(runs: dict) -> None:
-    log = runs["tmp"] / "eager-layer3.jsonl"
-    result = _run("eager", runs["tmp"], log, layer=3, enforce_eager=True)
+def test_eager_mode_logs_a_list_of_layers_with_their_own_routes(
+    runs: dict, hf_router_probs: list
+) -> None:
+    log = runs["tmp"] / "eager-layers.jsonl"
+    result = _run("eager", runs["tmp"], log, layer="0,2", enforce_eager=True)
     meta, routes = _read_log(log)
-    assert meta["layers_logged"] == [3]
-    assert len(routes) == len(runs["routes"])
-    _assert_routes_match_reference(routes, result["outputs"], 3)
-    ours = [r["topk_ids"] for r in routes]
-    layer1 = [r["topk_ids"] for r in runs["routes"]]
-    assert sum(a != b for a, b in zip(ours, layer1, strict=False)) > len(ours) // 2
+    assert meta["layers_logged"] == [0, 2]
+    assert {r["layer"] for r in routes} == {0, 2}
+    assert len(routes) == len(runs["routes"]) // len(LAYERS) * 2
+    _assert_routes_match_reference(routes, result["outputs"], [0, 2], hf_router_probs)
+    layer0 = [r["topk_ids"] for r in routes if r["layer"] == 0]
+    layer2 = [r["topk_ids"] for r in routes if r["layer"] == 2]
+    assert sum(a != b for a, b in zip(layer0, layer2, strict=True)) > len(layer0) // 2
 
 
 def test_log_passes_validate_with_outputs(runs: dict) -> None:
@@ -261,18 +310,21 @@ def test_an_existing_log_is_not_overwritten(tmp_path: Path) -> None:
 
 def test_preempted_requests_are_logged_once_per_token(tmp_path: Path) -> None:
     """Three KV blocks (128 tokens each on CPU) cannot hold four requests growing past 200 tokens,
-    so vLLM preempts some and recomputes their tokens later; each is still logged once."""
+    so vLLM preempts some and recomputes their tokens later; each is still logged once. One
+    layer, as the hook logged before layer selections existed."""
     log = tmp_path / "preempt.jsonl"
     result = _run(
         "preempt",
         tmp_path,
         log,
+        layer=1,
         max_tokens=200,
         ignore_eos=True,
         engine_args={"num_gpu_blocks_override": 3},
     )
     assert "recomputed after preemption are logged once" in (tmp_path / "preempt.txt").read_text()
-    _, routes = _read_log(log)
+    meta, routes = _read_log(log)
+    assert meta["layers_logged"] == [1] and {r["layer"] for r in routes} == {1}
     grouped = _by_request(routes)
     for out in result["outputs"]:
         positions = [r["token_idx"] for r in grouped[out["req_id"]]]

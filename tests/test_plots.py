@@ -142,13 +142,19 @@ def test_several_logs_give_a_layer_by_expert_heatmap(skewed_log: Path, tmp_path:
     )
     report = analyze_logs([skewed_log, other])
     fig = plots.figure(report)  # a histogram of three (log, layer) rows: a heatmap instead
-    ax = fig.axes[0]
-    assert _ticks(ax, "y") == ["skewed L12", "other L3", "other L12"]
+    ax, profile, colorbar = fig.axes
+    assert _ticks(ax, "y") == ["other L3", "skewed L12", "other L12"]  # by layer, then log
     assert _ticks(ax) == [str(e) for e in range(60)]
-    expected = [[100 * p for p in la.stats.distribution] for _, la in report.rows()]
+    rows = [report.rows()[i] for i in (1, 0, 2)]
+    expected = [[100 * p for p in la.stats.distribution] for _, la in rows]
     np.testing.assert_allclose(ax.images[0].get_array(), expected)
     assert ax.get_title() == "expert load per layer: test/tiny-moe"
-    assert fig.axes[1].get_ylabel() == "share of selections (%); uniform = 1.67%"
+    assert colorbar.get_ylabel() == "share of selections (%); uniform = 1.67%"
+    points = np.concatenate([line.get_xydata() for line in profile.get_lines()])  # one a log
+    points = points[np.argsort(points[:, 1])]
+    np.testing.assert_allclose(
+        points, [(100 * la.stats.entropy_ratio, r) for r, (_, la) in enumerate(rows)]
+    )
 
 
 def test_sorted_heatmap_orders_experts_by_total_load(skewed_log: Path) -> None:

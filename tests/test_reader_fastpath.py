@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from logfactory import dumps, meta, route, write_log
+from logfactory import dumps, hook_line, hook_lines, meta, route, write_log
 from pydantic import ValidationError
 
 from moeprof import layout, schema
@@ -88,23 +88,6 @@ def try_parse(text: bytes, m: schema.MetaRecord) -> tuple[fastparse.Parsed | Non
     return p.parse(fastparse.word_view(buf), fastparse.row_view(buf), starts, ends), starts
 
 
-def hook_line(
-    req: str, t: int, layer: int, ids: list[int], weights: list[float], phase: str | None
-) -> str:
-    """A route line exactly as the hook writes it (its template and formatter), without the
-    newline; without a phase when ``phase`` is None."""
-    template = layout.route_template(layer, len(ids), omit=() if phase else ("phase",))
-    line = layout.format_routes(
-        template,
-        [json.dumps(req)],
-        np.array([t]),
-        np.array([ids], np.int64),
-        np.array([weights], np.float64),
-        None if phase is None else np.array([phase == PREFILL]),
-    )
-    return line.removesuffix("\n")
-
-
 # --------------------------------------------------------------------------- whole logs
 
 
@@ -128,6 +111,8 @@ def test_vector_and_msgspec_paths_give_identical_chunks_on_a_synthetic_log(
     assert calls
     assert_same(vector, msgspec)
     assert len(vector["line"]) == 30_000 and not vector["issues"]
+    step = vector["step"]  # the bench writes steps as the hook does: from 0, never decreasing
+    assert step[0] == 0 and (np.diff(step) >= 0).all() and step[-1] > 100
 
 
 def test_vector_and_pydantic_paths_agree_on_a_log_of_every_shape(tmp_path: Path) -> None:
@@ -341,7 +326,24 @@ def test_ids_at_the_edge_of_num_experts(tmp_path: Path) -> None:
 ALPHABET = b'0123456789.eE+-,[]{}":\\ aZ_\t\x00\x7f\xc3\xa9'
 
 
-def _valid_lines(rng: random.Random, n: int) -> Iterator[str]:
+FEW_LAYERS = [3, 12]
+"""Layers the parser matches as part of a literal."""
+MANY_LAYERS = list(range(1, 48, 2))
+"""More than ``fastparse.MAX_LAYER_VARIANTS``: the parser reads the layer as a number."""
+
+
+def _step(rng: random.Random, i: int) -> int | None:
+    """A step as the hook writes it (mostly), or one of the edge cases: none (older logs), 0,
+    7, 8 and 15 digits (the parser's limits), 16 digits, beyond 64 bits."""
+    choice = rng.random()
+    if choice < 0.15:
+        return None
+    if choice < 0.25:
+        return rng.choice([0, 9_999_999, 10_000_000, 10**15 - 1, 10**15, schema.INT64_MAX])
+    return 1000 + i // 3
+
+
+def _valid_lines(rng: random.Random, n: int, layers: list[int]) -> Iterator[str]:
     reqs = ["0", "41", "cmpl-" + "ab12" * 8 + "-0", "x[1]"]
     specials = ["0", "1", "0.5", "1e-05", "6.181274e-05", "-0.0", "0.123456789", "1.5E+2"]
     for i in range(n):
@@ -349,7 +351,8 @@ def _valid_lines(rng: random.Random, n: int) -> Iterator[str]:
         ids = rng.sample(range(60), k)
         w: list[Any] = [float(np.float32(rng.random() * 10 ** -rng.randint(0, 5))) for _ in ids]
         phase = rng.choice([*schema.PHASES, None])
-        line = hook_line(rng.choice(reqs), i, rng.choice([3, 12]), ids, w, phase)
+        layer = rng.choice(layers)
+        line = hook_line(rng.choice(reqs), i, layer, ids, w, phase, _step(rng, i))
         if i % 5 == 0:
             line = line.replace(layout.WEIGHT_FORMAT % w[1], rng.choice(specials), 1)
         yield line
@@ -369,13 +372,20 @@ def _mutate(rng: random.Random, line: bytes, edits: int) -> bytes:
     return line
 
 
-def test_fuzz_the_parser_accepts_only_what_pydantic_accepts_with_the_same_values() -> None:
+@pytest.mark.parametrize("layers", [FEW_LAYERS, MANY_LAYERS])
+def test_fuzz_the_parser_accepts_only_what_pydantic_accepts_with_the_same_values(
+    layers: list[int],
+) -> None:
     """Thousands of lines with random byte edits: every line the parser takes is one pydantic
     takes, with the same values (weights as doubles, bit for bit)."""
     rng = random.Random(1234)
-    m = schema.MetaRecord.model_validate(meta(layers_logged=[3, 12]))
-    originals = [s.encode() for s in _valid_lines(rng, 4000)]
-    assert vector_ok(b"\n".join(originals) + b"\n", m).all()
+    m = schema.MetaRecord.model_validate(meta(layers_logged=layers))
+    originals = [s.encode() for s in _valid_lines(rng, 4000, layers)]
+    taken = vector_ok(b"\n".join(originals) + b"\n", m)
+    too_long = [b'"step":%d}' % s for s in (10**15, schema.INT64_MAX)]
+    long_steps = [any(x in line for x in too_long) for line in originals]
+    assert taken.tolist() == [not x for x in long_steps]  # beyond 15 digits: the fallback's
+    assert 0 < sum(long_steps) < 0.05 * len(originals)
     mutated = [_mutate(rng, line, 1 + (i % 3 == 0)) for i, line in enumerate(originals)]
     text = b"\n".join(mutated) + b"\n"
     parsed, starts = parse(text, m)
@@ -396,6 +406,8 @@ def test_fuzz_the_parser_accepts_only_what_pydantic_accepts_with_the_same_values
         assert (parsed.token_idx[i], parsed.layer[i]) == (rec.token_idx, rec.layer), line
         phase = schema.PHASES[parsed.phase[i]] if parsed.phase[i] != schema.NO_PHASE else None
         assert phase == rec.phase, line
+        step = None if parsed.step[i] == schema.NO_STEP else int(parsed.step[i])
+        assert step == rec.step, line
         first = parsed.rid_first[parsed.rid_inverse[i]]
         at = int(starts[first]) + fastparse.RID_OFFSET
         assert text[at : at + int(parsed.rid_len[first])].decode() == rec.req_id, line
@@ -404,14 +416,18 @@ def test_fuzz_the_parser_accepts_only_what_pydantic_accepts_with_the_same_values
     assert parsed.ok.sum() > 0.6 * valid
 
 
-def test_fuzz_whole_logs_read_like_pydantic_line_by_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("layers", "trials"), [(FEW_LAYERS, 200), (MANY_LAYERS, 60)])
+def test_fuzz_whole_logs_read_like_pydantic_line_by_line(
+    tmp_path: Path, layers: list[int], trials: int
+) -> None:
     """Small logs with a few random edits (newlines included): rows, request codes, problems
-    and their line numbers are what reading line by line with pydantic gives."""
+    and their line numbers are what reading line by line with pydantic gives, whichever
+    decoders read them."""
     rng = random.Random(99)
-    header = meta(layers_logged=[3, 12])
+    header = meta(layers_logged=layers)
     alphabet = ALPHABET + b"\n"
-    for trial in range(200):
-        lines = [s.encode() for s in _valid_lines(rng, 90)]
+    for trial in range(trials):
+        lines = [s.encode() for s in _valid_lines(rng, 90, layers)]
         for _ in range(rng.randint(1, 4)):
             i = rng.randrange(len(lines))
             lines[i] = _mutate(rng, lines[i], 1)
@@ -424,6 +440,7 @@ def test_fuzz_whole_logs_read_like_pydantic_line_by_line(tmp_path: Path) -> None
         path.write_bytes(b"\n".join([dumps(header).encode(), *lines]) + b"\n")
         want = read_all(path, "pydantic")
         assert_same(read_all(path, "vector"), want)
+        assert_same(read_all(path, "msgspec"), want)
 
 
 def test_parsing_never_reads_outside_the_padded_buffer() -> None:
@@ -480,9 +497,10 @@ def test_a_log_that_changes_layout_midway_reads_the_same(
     assert len(got["line"]) == 3000 and not got["issues"]
 
 
-@pytest.mark.parametrize("k", [2, 4, 8])
-def test_the_parser_reads_every_line_the_hook_writer_formats(k: int) -> None:
-    """The layout the parser expects is the one ``moeprof.hook.writer`` produces."""
+@pytest.mark.parametrize(("k", "layers"), [(2, [3, 12]), (4, [0, 5, 7, 23]), (8, [*range(40)])])
+def test_the_parser_reads_every_line_the_hook_writer_formats(k: int, layers: list[int]) -> None:
+    """The layout the parser expects is the one ``moeprof.hook.writer`` produces: one template
+    for every layer, the layer and the engine step per row."""
     from moeprof.hook.writer import format_routes, route_template
 
     rng = np.random.default_rng(k)
@@ -492,21 +510,135 @@ def test_the_parser_reads_every_line_the_hook_writer_formats(k: int) -> None:
     weights[::97] = 0.0
     weights[::89, 0] = 1.0
     req_json = [json.dumps(r) for r in rng.choice(["7", "cmpl-9f2c1e-0", "a[b]c"], n)]
-    text = "".join(
-        format_routes(
-            route_template(layer, k),
-            req_json,
-            rng.integers(0, 5000, n),
-            ids,
-            weights,
-            rng.random(n) < 0.5,
-        )
-        for layer in (3, 12)
+    layer = np.tile(layers, n // len(layers) + 1)[:n]  # a token's layers side by side
+    step = 10**9 - 400 + np.arange(n) // 2  # crosses from 9 to 10 digits
+    text = format_routes(
+        route_template(None, k),
+        req_json,
+        rng.integers(0, 5000, n),
+        ids,
+        weights,
+        rng.random(n) < 0.5,
+        layer=layer,
+        step=step,
     ).encode()
-    m = schema.MetaRecord.model_validate(meta(top_k=k, layers_logged=[3, 12]))
+    m = schema.MetaRecord.model_validate(meta(top_k=k, layers_logged=layers))
     parsed, _ = parse(text, m)
     assert parsed.ok.all()
+    assert parsed.layer.tolist() == layer.tolist() and parsed.step.tolist() == step.tolist()
     for row, line in enumerate(text.splitlines()):
         rec = schema.parse_route(line, m)
         assert parsed.ids[:, row].tolist() == rec.topk_ids
         assert parsed.weights[:, row].tolist() == rec.topk_weights  # doubles, exactly
+        assert (rec.layer, rec.step) == (layer[row], step[row])
+
+
+# --------------------------------------------------------------------------- the engine step
+
+
+def _lines_with_steps(rng: random.Random, layers: list[int], tokens: int) -> list[str]:
+    """A multi-layer log body as the hook writes it (each token's layers side by side, one step
+    per forward pass), then a stretch as older writers wrote it (no step), then steps again on
+    every other line (mixed)."""
+    reqs, token_idx, layer, ids, weights, phases, steps = [], [], [], [], [], [], []
+    for t in range(tokens):
+        for lay in layers:
+            reqs.append(str(t % 3))
+            token_idx.append(t // 3)
+            layer.append(lay)
+            ids.append(rng.sample(range(60), 4))
+            weights.append([float(np.float32(rng.random())) for _ in range(4)])
+            phases.append(PREFILL if t < tokens // 4 else rng.choice([DECODE, None]))
+            no_step = tokens // 3 <= t < tokens // 2 or (t >= tokens // 2 and t % 2 == 0)
+            steps.append(None if no_step else t // 3)
+    return hook_lines(reqs, token_idx, layer, ids, weights, phases, steps)
+
+
+@pytest.mark.parametrize("layers", [[12], [3, 12], [0, 5, 1000, 7], list(range(0, 40, 3))])
+def test_logs_with_and_without_steps_read_the_same_on_every_path(
+    tmp_path: Path, layers: list[int]
+) -> None:
+    lines = _lines_with_steps(random.Random(len(layers)), layers, 240)
+    path = write_log(tmp_path / "steps.jsonl", lines, meta(layers_logged=layers))
+    seen: list[str] = []
+    got = read_all(path, "vector", lambda decoder, first, count: seen.append(decoder))
+    assert set(seen) == {"vector"}  # every line, with a step or without, at full speed
+    assert_same(got, read_all(path, "msgspec"))
+    assert_same(got, read_all(path, "pydantic"))
+    assert not got["issues"] and got["step"].dtype == np.int64
+    want = [json.loads(line).get("step", schema.NO_STEP) for line in lines]
+    assert got["step"].tolist() == want and want.count(schema.NO_STEP) > len(lines) // 4
+    assert got["layer"].tolist() == [json.loads(line)["layer"] for line in lines]
+
+
+def test_a_log_without_any_step_reads_as_before(tmp_path: Path) -> None:
+    rng = random.Random(4)
+    lines = [
+        hook_line(str(t % 2), t, 12, rng.sample(range(60), 4), [0.5, 0.25, 0.125, 0.0625], ph, None)
+        for t, ph in zip(range(300), [PREFILL, DECODE, None] * 100, strict=True)
+    ]
+    assert all('"step"' not in line for line in lines)
+    path = write_log(tmp_path / "old.jsonl", lines)
+    got = read_all(path, "vector")
+    assert (got["step"] == schema.NO_STEP).all() and len(got["line"]) == 300
+    assert_same(got, read_all(path, "msgspec"))
+    assert_same(got, read_all(path, "pydantic"))
+
+
+STEP_CASES = [
+    ("0", 0, True),
+    ("9999999", 9_999_999, True),
+    ("10000000", 10_000_000, True),
+    ("123456789012345", 123_456_789_012_345, True),
+    ("1234567890123456", 1_234_567_890_123_456, False),  # 16 digits: msgspec's
+    (str(schema.INT64_MAX), schema.INT64_MAX, False),
+    ("null", schema.NO_STEP, False),  # JSON null: no step, like a line without one
+    ("-1", "step: Input should be greater than or equal to 0 (got -1)", False),
+    (str(schema.INT64_MAX + 1), "an integer field exceeds 64 bits", False),
+    ("01", "not valid JSON", False),
+    ("0123456789", "not valid JSON", False),  # a leading zero where the parser reads two words
+    ("1.0", "step: Input should be a valid integer (got 1.0)", False),
+    ('"3"', "step: Input should be a valid integer (got '3')", False),
+    ("true", "step: Input should be a valid integer (got True)", False),
+    ("1e3", "step: Input should be a valid integer", False),
+    ("12 ", 12, False),  # a space before the brace: valid JSON, but not the hook's layout
+]
+
+
+@pytest.mark.parametrize(("text", "want", "taken"), STEP_CASES)
+def test_steps_are_read_exactly_or_named_as_errors_on_every_path(
+    tmp_path: Path, text: str, want: int | str, taken: bool
+) -> None:
+    """A step the parser reads has the value pydantic gives; a step that is not a non-negative
+    integer in range is an error on its line, with pydantic's reason, whichever path read it."""
+    good = [hook_line("0", t, 12, [1, 2, 3, 4], [0.4, 0.3, 0.2, 0.1], DECODE, t) for t in range(9)]
+    odd = hook_line("0", 9, 12, [1, 2, 3, 4], [0.4, 0.3, 0.2, 0.1], DECODE, 77)
+    odd = odd.replace('"step":77}', f'"step":{text}}}')
+    lines = [*good, odd, *good]
+    m = schema.MetaRecord.model_validate(meta())
+    parsed, _ = parse(("\n".join(lines) + "\n").encode(), m)
+    assert parsed.ok.tolist() == [True] * 9 + [taken] + [True] * 9
+    if taken:
+        assert parsed.step[9] == want
+    path = write_log(tmp_path / "s.jsonl", lines)
+    got = read_all(path, "vector")
+    assert_same(got, read_all(path, "msgspec"))
+    assert_same(got, read_all(path, "pydantic"))
+    if isinstance(want, int):
+        assert not got["issues"] and got["step"][9] == want
+        return
+    # An error: the line is left out and named, as a problem with any other field is.
+    assert [(line, msg.startswith(want)) for line, msg, _ in got["issues"]] == [(11, True)]
+    assert len(got["line"]) == 18
+    with pytest.raises(reader.LogError) as exc:
+        list(open_log(path).chunks())
+    assert str(exc.value).startswith(f"{path}:11: {want}")
+
+
+def test_the_step_of_a_truncated_last_line_is_checked_too(tmp_path: Path) -> None:
+    lines = [hook_line("0", t, 12, [1, 2, 3, 4], [0.4, 0.3, 0.2, 0.1], DECODE, t) for t in range(4)]
+    lines[-1] = lines[-1].replace('"step":3}', '"step":-3}')
+    path = write_log(tmp_path / "t.jsonl", lines, trailing_newline=False)
+    got = read_all(path, "vector")
+    assert got["issues"][0][0] == 5 and "step" in got["issues"][0][1]
+    assert_same(got, read_all(path, "pydantic"))

@@ -83,6 +83,24 @@ def test_route_phase_is_optional_but_must_be_known() -> None:
     assert "phase" in _reason(dumps(route(phase="warmup")))
 
 
+def test_route_step_is_optional_and_a_non_negative_int() -> None:
+    m = _meta()
+    assert schema.parse_route(dumps(route()), m).step is None  # older logs, other tools
+    assert schema.parse_route(dumps(route(step=None)), m).step is None
+    assert schema.parse_route(dumps(route(phase="decode", step=17)), m).step == 17
+    assert schema.parse_route(dumps(route(step=0)), m).step == 0
+    assert list(json.loads(dumps(route(phase="decode", step=3)))) == list(layout.FIELDS)
+    assert _reason(dumps(route(step=-1)), m) == (
+        "step: Input should be greater than or equal to 0 (got -1)"
+    )
+    for bad in ("3", 1.0, True, [3]):
+        assert _reason(dumps(route(step=bad)), m).startswith("step: Input should be a valid int")
+    big = schema.parse_route(dumps(route(step=schema.INT64_MAX + 1)), m)  # valid JSON and type
+    assert schema.range_problem(0, 12, [0], [0.5], big.step) == "an integer field exceeds 64 bits"
+    assert schema.range_problem(0, 12, [0], [0.5], schema.INT64_MAX) is None
+    assert schema.range_problem(0, 12, [0], [0.5], None) is None
+
+
 def test_explain_names_missing_fields_and_bad_json() -> None:
     rec = route()
     del rec["token_idx"]
@@ -135,25 +153,55 @@ def test_range_problem_names_what_a_reader_cannot_hold() -> None:
 
 
 def test_the_hook_s_line_has_the_record_s_fields_in_order_and_reads_back() -> None:
-    template = layout.route_template(12, 2)
-    text = layout.format_routes(
-        template,
+    columns = (
         ['"r-1"', '"r\\"2"'],
         np.array([0, 5]),
         np.array([[1, 7], [2, 0]]),
         np.array([[0.5, 0.25], [1e-8, 0.125]], np.float32),
         np.array([True, False]),
     )
-    m = _meta(top_k=2)
-    for line, prefill in zip(text.splitlines(), (True, False), strict=True):
+    m = _meta(top_k=2, layers_logged=[3, 12])
+    per_row = layout.format_routes(
+        layout.route_template(None, 2), *columns, layer=np.array([12, 3]), step=np.array([7, 8])
+    )
+    for line, prefill, layer, step in zip(
+        per_row.splitlines(), (True, False), (12, 3), (7, 8), strict=True
+    ):
         assert list(json.loads(line)) == list(schema.RouteRecord.model_fields)
         rec = schema.parse_route(line, m)
         assert rec.phase == schema.PHASES[0 if prefill else 1]
-    assert [schema.parse_route(line).req_id for line in text.splitlines()] == ["r-1", 'r"2']
+        assert (rec.layer, rec.step) == (layer, step)
+    assert per_row.splitlines()[0].endswith('"phase":"prefill","step":7}')
+    assert [schema.parse_route(line).req_id for line in per_row.splitlines()] == ["r-1", 'r"2']
+    # A layer written in as a constant: the same lines as a column of that layer.
+    constant = layout.format_routes(layout.route_template(12, 2), *columns, step=np.array([7, 8]))
+    column = layout.format_routes(
+        layout.route_template(None, 2), *columns, layer=np.array([12, 12]), step=np.array([7, 8])
+    )
+    assert constant == column
+    # Older logs: without a step (the column is not needed then).
+    old = layout.format_routes(layout.route_template(12, 2, omit=("step",)), *columns)
+    assert [schema.parse_route(line, m).step for line in old.splitlines()] == [None, None]
+
+
+def test_format_routes_names_a_column_the_template_needs() -> None:
+    columns = (['"a"'], np.array([0]), np.array([[0, 1]]), np.array([[0.5, 0.25]]))
+    per_row = layout.route_template(None, 2)
+    with pytest.raises(ValueError, match="pass step"):
+        layout.format_routes(per_row, *columns, np.array([True]), layer=np.array([3]))
+    with pytest.raises(ValueError, match="pass layer"):
+        layout.format_routes(per_row, *columns, np.array([True]), step=np.array([3]))
+    with pytest.raises(ValueError, match="pass prefill"):
+        layout.format_routes(per_row, *columns, None, layer=np.array([3]), step=np.array([3]))
+    bare = layout.route_template(None, 2, omit=("phase", "step"))
+    text = layout.format_routes(bare, *columns, None, layer=np.array([3]))
+    assert text == '{"type":"route","req_id":"a","token_idx":0,"layer":3,"topk_ids":[0,1],' + (
+        '"topk_weights":[0.5,0.25]}\n'
+    )
 
 
 def test_route_layout_is_the_template_cut_at_its_values() -> None:
-    for omit in ((), ("phase",)):
+    for omit in ((), ("phase",), ("step",), ("phase", "step")):
         lay = layout.route_layout(3, omit=omit)
         template = layout.route_template(None, 3, omit=omit)
         specs = re.findall(r"%[.\d]*[dgs]", template)
@@ -161,7 +209,9 @@ def test_route_layout_is_the_template_cut_at_its_values() -> None:
         slots = [f for f in layout.FIELDS if f != "type" and f not in omit]  # type: a constant
         assert list(dict.fromkeys(lay.fields)) == slots
         assert lay.fields.count("topk_ids") == lay.fields.count("topk_weights") == 3
-    assert layout.route_layout(3).between("phase", None).endswith("}\n")
+    assert layout.route_layout(3).between("step", None) == "}\n"
+    assert layout.route_layout(3).between("phase", "step") == '","step":'
+    assert layout.route_layout(3, omit=("step",)).between("phase", None) == '"}\n'
     with pytest.raises(ValueError, match="does not follow"):
         layout.route_layout(3).between("req_id", "layer")
     with pytest.raises(ValueError, match="required"):

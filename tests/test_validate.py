@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from logfactory import dumps, meta, outputs_file, route, run_cli, sequential_routes, write_log
@@ -300,6 +301,186 @@ def test_outputs_accounting_reports_short_missing_and_extra_requests(tmp_path: P
     }
     assert report.outputs is not None
     assert (report.outputs.missing_from_log, report.outputs.extra_in_log) == (1, 1)
+
+
+FOUR_LAYERS = (0, 1, 2, 3)
+
+
+def _span_routes(
+    spans: dict[str, range], layers: tuple[int, ...] = FOUR_LAYERS
+) -> list[dict[str, Any]]:
+    """Routes at the given positions per request, at every layer, in step order."""
+    return [
+        route(req, t, layer, [(t + j * 5) % 60 for j in range(4)])
+        for req, positions in spans.items()
+        for t in positions
+        for layer in layers
+    ]
+
+
+def _outputs(path: Path, records: list[dict[str, Any]]) -> Path:
+    """An outputs JSONL with the fields given (``num_cached_tokens`` only where set)."""
+    path.write_text("".join(dumps({"finish_reason": "length", **r}) + "\n" for r in records))
+    return path
+
+
+def _out(req: str, prompt: int, generated: int, cached: int | None = None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"req_id": req, "prompt_tokens": prompt, "generated_tokens": generated}
+    if cached is not None:
+        rec["num_cached_tokens"] = cached
+        rec["prompt_token_ids"] = list(range(prompt))
+    return rec
+
+
+def test_with_prefix_caching_the_cached_prefix_is_accounted_exactly(tmp_path: Path) -> None:
+    """Recorded num_cached_tokens: routes = prompt - cached + generated - 1 at exactly the
+    positions cached..end, at every layer; a wrong count or a shifted start is named."""
+    spans = {
+        "0": range(0, 14),  # prompt 10, generated 5, nothing cached
+        "1": range(8, 14),  # the same prompt again: 8 tokens cached
+        "2": range(4, 14),  # claims 8 cached but logged from 4: 10 routes, expected 6
+        "3": range(7, 13),  # 8 cached, right count but shifted one position down
+    }
+    log = write_log(
+        tmp_path / "l.jsonl",
+        _span_routes(spans),
+        meta(layers_logged=list(FOUR_LAYERS), prefix_caching=True),
+    )
+    outs = _outputs(
+        tmp_path / "o.jsonl",
+        [_out("0", 10, 5, 0), _out("1", 10, 5, 8), _out("2", 10, 5, 8), _out("3", 10, 5, 8)],
+    )
+    report = validate_log(log, outputs=outs)
+    fed = "(prompt 10 - cached 8 + generated 5 - 1)"
+    assert sorted(_errors(report)) == sorted(
+        [
+            (
+                None,
+                f"req_id '2' layer {la}: 10 routes at positions 4..13, expected 6 at positions "
+                f"8..13 {fed}",
+            )
+            for la in FOUR_LAYERS
+        ]
+        + [
+            (
+                None,
+                f"req_id '3' layer {la}: 6 routes at positions 7..12, expected 6 at positions "
+                f"8..13 {fed}",
+            )
+            for la in FOUR_LAYERS
+        ]
+    )
+    assert report.gaps == 0 and report.outputs is not None
+    assert report.outputs.mismatched == 8
+    assert report.outputs.expected_routes == 4 * (14 + 6 + 6 + 6)
+    assert (report.outputs.cached_tokens, report.outputs.cached_inferred) == (24, 0)
+
+
+def test_exact_prefix_caching_accounting_passes_and_shows_in_the_cli(tmp_path: Path) -> None:
+    log = write_log(
+        tmp_path / "l.jsonl",
+        _span_routes({"0": range(0, 14), "1": range(8, 14)}),
+        meta(layers_logged=list(FOUR_LAYERS), prefix_caching=True),
+    )
+    outs = _outputs(tmp_path / "o.jsonl", [_out("0", 10, 5, 0), _out("1", 10, 5, 8)])
+    report = validate_log(log, outputs=outs)
+    assert report.valid, _errors(report)
+    assert report.outputs is not None and report.outputs.expected_routes == report.routes == 80
+    code, out = run_cli("validate", str(log), "--outputs", str(outs))
+    assert code == 0, out
+    assert "expected routes" in out and "80" in out
+    assert "prefix-cached prompt tokens" in out and "inferred" not in out
+
+
+def test_without_recorded_cached_counts_the_caching_check_stays_loose(tmp_path: Path) -> None:
+    """Older outputs files (no num_cached_tokens) next to a log with prefix caching on: the
+    positions must reach the last fed token; the expected total counts from the first logged
+    position, and the report says it was inferred."""
+    log = write_log(
+        tmp_path / "l.jsonl",
+        _span_routes({"0": range(0, 14), "1": range(8, 14), "2": range(4, 13)}),
+        meta(layers_logged=list(FOUR_LAYERS), prefix_caching=True),
+    )
+    outs = _outputs(tmp_path / "o.jsonl", [_out("0", 10, 5), _out("1", 10, 5), _out("2", 10, 5)])
+    report = validate_log(log, outputs=outs)
+    assert sorted(_errors(report)) == [
+        (
+            None,
+            f"req_id '2' layer {la}: positions up to 12, 9 routes, expected positions up to 13 "
+            "(prompt 10 + generated 5 - 1; cached prefix not recorded in the outputs)",
+        )
+        for la in FOUR_LAYERS
+    ]
+    assert report.outputs is not None
+    assert report.outputs.expected_routes == 4 * (14 + 6 + 10)
+    assert (report.outputs.cached_tokens, report.outputs.cached_inferred) == (12, 3)
+
+
+def test_recorded_cached_counts_are_checked_even_when_the_log_says_caching_was_off(
+    tmp_path: Path,
+) -> None:
+    log = write_log(
+        tmp_path / "l.jsonl", _span_routes({"0": range(0, 14)}, (12,)), meta(prefix_caching=False)
+    )
+    outs = _outputs(tmp_path / "o.jsonl", [_out("0", 10, 5, 0)])
+    assert validate_log(log, outputs=outs).valid
+    outs = _outputs(tmp_path / "o2.jsonl", [_out("0", 10, 5, 4)])
+    assert _only_error(validate_log(log, outputs=outs)) == (
+        None,
+        "req_id '0' layer 12: 14 routes at positions 0..13, expected 10 at positions 4..13 "
+        "(prompt 10 - cached 4 + generated 5 - 1)",
+    )
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_with_four_layers_only_the_layer_that_misses_a_route_is_reported(
+    tmp_path: Path, caching: bool
+) -> None:
+    spans = {"0": range(0, 14), "1": range(8 if caching else 0, 14), "2": range(0, 9)}
+    body = [
+        r for r in _span_routes(spans) if (r["req_id"], r["token_idx"], r["layer"]) != ("1", 13, 2)
+    ]
+    log = write_log(
+        tmp_path / "l.jsonl", body, meta(layers_logged=list(FOUR_LAYERS), prefix_caching=caching)
+    )
+    cached = 8 if caching else 0
+    outs = _outputs(
+        tmp_path / "o.jsonl", [_out("0", 10, 5, 0), _out("1", 10, 5, cached), _out("2", 6, 4, 0)]
+    )
+    report = validate_log(log, outputs=outs)
+    accounting = [m for _, m in _errors(report) if " layer " in m and "per layer" not in m]
+    expected = 14 - cached
+    fed = "(prompt 10 - cached 8 + generated 5 - 1)" if caching else "(prompt 10 + generated 5 - 1)"
+    want = " at positions 8..13" if caching else ""
+    assert accounting == [
+        f"req_id '1' layer 2: {expected - 1} routes at positions {cached}..12, "
+        f"expected {expected}{want} {fed}"
+    ]
+    assert report.outputs is not None and report.outputs.mismatched == 1
+    assert report.outputs.expected_routes == 4 * (14 + expected + 9)
+    per_layer = ", ".join(f"{la}: {expected - (la == 2)}" for la in FOUR_LAYERS)
+    assert (None, f"req_id '1' has different route counts per layer ({per_layer})") in _errors(
+        report
+    )
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (_out("0", 3, 2, 4), "num_cached_tokens=4 exceeds prompt_tokens=3"),
+        (
+            {**_out("0", 3, 2, 1), "prompt_token_ids": [1, 2]},
+            "prompt_token_ids has 2 ids but prompt_tokens=3",
+        ),
+    ],
+)
+def test_impossible_cached_counts_in_outputs_are_a_usage_error(
+    tmp_path: Path, record: dict[str, Any], reason: str
+) -> None:
+    log = write_log(tmp_path / "l.jsonl", sequential_routes({"0": 4}))
+    outs = _outputs(tmp_path / "o.jsonl", [record])
+    code, out = run_cli("validate", str(log), "--outputs", str(outs))
+    assert code == 2 and f"{outs}:1: {reason}" in out
 
 
 def test_a_broken_outputs_file_is_a_usage_error_naming_its_line(tmp_path: Path) -> None:

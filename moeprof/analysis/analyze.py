@@ -4,7 +4,8 @@ JSON form; several logs are compared layer by layer.
 A log is read once into one :class:`~moeprof.analysis.accumulate.RoutingAccumulator` per
 (layer, phase), with a :class:`~moeprof.analysis.contamination.ContaminationDetector` watching
 the same chunks; with ``exclude_suspect`` a second pass re-reads it without the suspect records.
-The terminal table and the markdown note are in :mod:`moeprof.render`.
+``layers`` keeps only the chosen layers in the result (the log is still read, and checked for
+contamination, whole). The terminal table and the markdown note are in :mod:`moeprof.render`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from moeprof.analysis.accumulate import (
 )
 from moeprof.analysis.contamination import Contamination, ContaminationDetector, SuspectFilter
 from moeprof.analysis.load_balance import jensen_shannon
+from moeprof.analysis.passes import PassOptions, RoutePass, make_passes
 from moeprof.analysis.reader import (
     NO_PHASE,
     PHASES,
@@ -36,6 +39,8 @@ from moeprof.analysis.reader import (
     open_log,
 )
 from moeprof.analysis.summary import ExpertStats, summarize
+from moeprof.errors import UserError
+from moeprof.layers import LayerSpecError, format_layers, parse_layers
 
 PHASE_NAMES = {NO_PHASE: "unknown", **dict(enumerate(PHASES))}
 PREFILL, DECODE = PHASES.index("prefill"), PHASES.index("decode")
@@ -68,6 +73,9 @@ class LogAnalysis:
     contamination: Contamination
     layers: list[LayerAnalysis]
     warnings: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+    """The extra analyses asked for (:mod:`moeprof.analysis.passes`), by name: each a result
+    dataclass or a :class:`~moeprof.analysis.passes.Skipped`."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,18 @@ class AnalysisReport:
 
     def rows(self) -> list[tuple[LogAnalysis, LayerAnalysis]]:
         return [(log, layer) for log in self.logs for layer in log.layers]
+
+    @property
+    def multi_layer(self) -> bool:
+        """Some log has several layers in the report: the per-layer summary views apply."""
+        return any(len(log.layers) > 1 for log in self.logs)
+
+    def jsd(self, a: str, b: str, layer: int) -> float | None:
+        """JSD between logs ``a`` and ``b`` at ``layer``, either order; None when not compared."""
+        for c in self.comparisons:
+            if c.layer == layer and {c.a, c.b} == {a, b}:
+                return c.jsd
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(self)
@@ -121,6 +141,17 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------- several logs
 
 
+def chosen_layers(text: str | None) -> tuple[int, ...] | None:
+    """``--layer``'s text (``12``, ``0,12``, ``0-11,23``, ``all``) -> the layers, None for all.
+    UserError for text that is not a layer selection."""
+    if text is None:
+        return None
+    try:
+        return parse_layers(text).indices
+    except LayerSpecError as e:
+        raise UserError(f"--layer {e}") from e
+
+
 def analyze_logs(
     paths: list[str | Path],
     *,
@@ -128,11 +159,23 @@ def analyze_logs(
     top: int = 3,
     exclude_suspect: bool = False,
     min_run: int = 64,
+    layers: Collection[int] | None = None,
+    analyses: Collection[str] = (),
+    options: PassOptions | None = None,
 ) -> AnalysisReport:
-    """Analyse each log, then compare logs layer by layer (JSD of their distributions)."""
+    """Analyse each log, then compare logs layer by layer (JSD of their distributions).
+    ``layers``: report only these (None: every logged layer). ``analyses``: names of extra
+    analyses (:data:`moeprof.analysis.passes.ANALYSES`) to run on the same pass."""
     logs = [
         analyze_log(
-            p, num_experts=num_experts, top=top, exclude_suspect=exclude_suspect, min_run=min_run
+            p,
+            num_experts=num_experts,
+            top=top,
+            exclude_suspect=exclude_suspect,
+            min_run=min_run,
+            layers=layers,
+            analyses=analyses,
+            options=options,
         )
         for p in paths
     ]
@@ -162,14 +205,23 @@ def analyze_log(
     top: int = 3,
     exclude_suspect: bool = False,
     min_run: int = 64,
+    layers: Collection[int] | None = None,
+    analyses: Collection[str] = (),
+    options: PassOptions | None = None,
 ) -> LogAnalysis:
     """Statistics of one log. Raises :class:`LogError` on the first invalid line: numbers from a
-    log that does not validate are not worth printing."""
+    log that does not validate are not worth printing. ``layers``: report only these; a
+    :class:`UserError` when the log has none of them, a warning for each it lacks."""
     warnings: list[str] = []
     log, experts, source = _resolve_num_experts(open_log(path), num_experts, warnings)
+    assert log.meta is not None
+    shown = _shown_layers(log.path, log.meta.layers_logged, layers, warnings)
     sums = LayerPhaseAccumulators(experts)
+    passes = make_passes(analyses, log, experts, options or PassOptions())
     try:
-        tally = _read_routes(log, sums, warnings, exclude_suspect=exclude_suspect, min_run=min_run)
+        tally = _read_routes(
+            log, sums, passes, warnings, exclude_suspect=exclude_suspect, min_run=min_run
+        )
     except ImplausibleExpertIdError as e:
         raise LogError(f"{log.path}: {e}") from e
     if experts is None:
@@ -180,8 +232,7 @@ def analyze_log(
         )
     if tally.contamination.suspicious and not exclude_suspect:
         warnings.append(tally.contamination.describe() + " Rerun with --exclude-suspect.")
-    assert log.meta is not None
-    layers = _layer_analyses(log.meta.layers_logged, sums, experts, top, warnings)
+    layer_results = _layer_analyses(log.meta.layers_logged, shown, sums, experts, top, warnings)
     return LogAnalysis(
         path=str(log.path),
         model_id=log.meta.model_id,
@@ -192,9 +243,29 @@ def analyze_log(
         records=tally.records,
         excluded=tally.excluded,
         contamination=tally.contamination,
-        layers=layers,
+        layers=layer_results,
         warnings=warnings,
+        extras={name: p.finish() for name, p in passes.items()},
     )
+
+
+def _shown_layers(
+    path: Path, logged: list[int], chosen: Collection[int] | None, warnings: list[str]
+) -> set[int]:
+    """The logged layers to report: all, or those of ``chosen`` the log has."""
+    if chosen is None:
+        return set(logged)
+    shown = set(chosen) & set(logged)
+    if not shown:
+        raise UserError(
+            f"{path}: no layer {format_layers(chosen)} in this log; it logged layers "
+            f"{format_layers(logged)}"
+        )
+    missing = set(chosen) - shown
+    if missing:
+        were = "was" if len(missing) == 1 else "were"
+        warnings.append(f"{path}: layer {format_layers(missing)} {were} not logged")
+    return shown
 
 
 def _resolve_num_experts(
@@ -229,6 +300,7 @@ class _Tally:
 def _read_routes(
     log: RouteLog,
     sums: LayerPhaseAccumulators,
+    passes: dict[str, RoutePass],
     warnings: list[str],
     *,
     exclude_suspect: bool,
@@ -247,11 +319,13 @@ def _read_routes(
             strict(issue)
 
     detector = ContaminationDetector(min_run)
-    records = _scan(log, strict, detector, None if exclude_suspect else sums)
+    records = _scan(log, strict, detector, None if exclude_suspect else sums, passes)
     contamination = detector.finish()
     if not exclude_suspect:
         return _Tally(contamination, records, excluded=0)
-    records, excluded = _rescan_without_suspects(log, errors_only, SuspectFilter(detector), sums)
+    records, excluded = _rescan_without_suspects(
+        log, errors_only, SuspectFilter(detector), sums, passes
+    )
     return _Tally(contamination, records, excluded)
 
 
@@ -260,9 +334,10 @@ def _scan(
     on_issue: IssueSink,
     detector: ContaminationDetector,
     sums: LayerPhaseAccumulators | None,
+    passes: dict[str, RoutePass],
 ) -> int:
-    """Show every chunk to ``detector`` and, unless ``sums`` is None, fold it into ``sums``;
-    returns the routes folded."""
+    """Show every chunk to ``detector`` and, unless ``sums`` is None, fold it into ``sums`` and
+    the ``passes``; returns the routes folded."""
     records = 0
     for chunk in log.chunks(on_issue):
         detector.add(
@@ -270,12 +345,18 @@ def _scan(
         )
         if sums is not None:
             sums.add(log.layer_slot(chunk.layer), chunk.phase, chunk.ids, chunk.weights)
+            for p in passes.values():
+                p.add(chunk)
             records += len(chunk)
     return records
 
 
 def _rescan_without_suspects(
-    log: RouteLog, on_issue: IssueSink, suspects: SuspectFilter, sums: LayerPhaseAccumulators
+    log: RouteLog,
+    on_issue: IssueSink,
+    suspects: SuspectFilter,
+    sums: LayerPhaseAccumulators,
+    passes: dict[str, RoutePass],
 ) -> tuple[int, int]:
     """Fold the routes ``suspects`` keeps into ``sums``: (routes folded, routes left out)."""
     records = excluded = 0
@@ -284,20 +365,26 @@ def _rescan_without_suspects(
         excluded += int(drop.sum())
         kept = chunk.take(~drop)
         sums.add(log.layer_slot(kept.layer), kept.phase, kept.ids, kept.weights)
+        for p in passes.values():
+            p.add(kept)
         records += len(kept)
     return records, excluded
 
 
 def _layer_analyses(
     layers: list[int],
+    shown: set[int],
     sums: LayerPhaseAccumulators,
     experts: int,
     top: int,
     warnings: list[str],
 ) -> list[LayerAnalysis]:
-    """One :class:`LayerAnalysis` per logged layer, each phase's expert axis ``experts`` long."""
+    """One :class:`LayerAnalysis` per logged layer in ``shown``, each phase's expert axis
+    ``experts`` long."""
     out = []
     for slot, layer in enumerate(layers):
+        if layer not in shown:
+            continue
         parts = {p: acc.resized(experts) for p, acc in sums.by_phase(slot).items()}
         out.append(_layer_analysis(layer, parts, experts, top))
         if out[-1].stats.tokens == 0:

@@ -4,28 +4,28 @@ record.
 Why: msgspec decodes a route in ~300 ns, but turning its records into numpy columns (one Python
 int or float per id and weight, then freeing them) costs as much again, which kept ``validate``
 and ``analyze`` under a million routes a second. The hook writes every line from one template
-(:mod:`moeprof.layout`: one line, no spaces; ``phase`` may be absent), so a block of such lines
-is parsed field by field for all lines at once. The literal bytes expected between the values
-are taken from that same layout. Each step reads the 8 bytes at every line's cursor as one
-uint64 (or a 48-byte row where a literal part of the template starts) and reads them with
-SIMD-within-a-register arithmetic: the length of a digit run, its value, the byte that ends it.
-Every byte of an accepted line is checked: literal bytes against the template, numbers against
-JSON's number grammar, the request id as printable ASCII without quotes or backslashes, and the
-line must end exactly at its newline.
+(:mod:`moeprof.layout`: one line, no spaces; ``phase`` and ``step`` may be absent, as in older
+logs), so a block of such lines is parsed field by field for all lines at once. The literal
+bytes expected between the values are taken from that same layout. Each step reads the 8 bytes
+at every line's cursor as one uint64 (or a 48-byte row where a literal part of the template
+starts) and reads them with SIMD-within-a-register arithmetic: the length of a digit run, its
+value, the byte that ends it. Every byte of an accepted line is checked: literal bytes against
+the template, numbers against JSON's number grammar, the request id as printable ASCII without
+quotes or backslashes, and the line must end exactly at its newline.
 
 The rule that keeps this honest: a line is accepted only if it is valid JSON that the pydantic
 schema accepts, and every value equals what msgspec (and pydantic) produce. Integers have at
-most 7 digits, so they need no overflow care. A weight is read as an integer V that a double
-holds exactly (its digits without the dot: below 10**15, or, padded with zeros to 16 digits,
-an even number below 2**54) times 10**E with E in [-22, 22], also exact; so ``V * 10**E`` or
-``V / 10**-E`` is one IEEE operation and gives the correctly rounded double (Clinger's fast
-path), which is what any correct parser returns. The reader narrows it to float32 exactly as
-it narrows msgspec's double. Anything else (other key orders, spaces, escapes or non-ASCII in
-the request id, NaN, long or tiny numbers, ids out of range or repeated, layers not logged)
-only marks the line as not parsed here; the caller hands those lines to the msgspec path, and
-pydantic below it.
+most 7 digits (a step at most 15), so they need no overflow care. A weight is read as an integer
+V that a double holds exactly (its digits without the dot: below 10**15, or, padded with zeros
+to 16 digits, an even number below 2**54) times 10**E with E in [-22, 22], also exact; so
+``V * 10**E`` or ``V / 10**-E`` is one IEEE operation and gives the correctly rounded double
+(Clinger's fast path), which is what any correct parser returns. The reader narrows it to
+float32 exactly as it narrows msgspec's double. Anything else (other key orders, spaces, escapes
+or non-ASCII in the request id, NaN, long or tiny numbers, ids out of range or repeated, layers
+not logged) only marks the line as not parsed here; the caller hands those lines to the msgspec
+path, and pydantic below it.
 
-Cursors only ever move forward by bounded steps (a digit run reads at most 8 bytes), so with
+Cursors only ever move forward by bounded steps (a digit run reads at most 16 bytes), so with
 :meth:`BlockParser.pad` readable bytes after a block no read leaves the buffer, even on lines of
 garbage.
 """
@@ -69,37 +69,72 @@ _MAX_EXP10 = 22  # 10**22 is the largest exact power of ten
 
 def _layout_literals() -> tuple[bytes, bytes, bytes, bytes, bytes, tuple[tuple[bytes, int], ...]]:
     """The literal bytes of the hook's route line between the values this parser reads, in the
-    order it reads them: (head, token, layer, ids, weights, tails). A request id is a JSON string,
-    so its quotes end the literals around it. The tails end a line after its weights: one per
-    phase, with the phase's code, and one without a phase (``NO_PHASE``). A ValueError here
-    means the layout gained or moved a field: teach :meth:`BlockParser.parse` to read it."""
+    order it reads them: (head, token, layer, ids, weights, phases). A request id is a JSON
+    string, so its quotes end the literals around it. The phases follow a line's weights: one
+    per phase, with the phase's code, and one without a phase (``NO_PHASE``), shortest first;
+    each ends where the line's step (:data:`_STEP`) or its end (:data:`_END`) starts. A
+    ValueError (or RuntimeError) here means the layout gained or moved a field: teach
+    :meth:`BlockParser.parse` to read it."""
     line = layout.route_layout(1)
-    bare = layout.route_layout(1, omit=("phase",))
-    tails = [
-        (line.between("topk_weights", "phase") + name + line.between("phase", None), code)
-        for code, name in enumerate(schema.PHASES)
-    ]
-    tails.append((bare.between("topk_weights", None), schema.NO_PHASE))
     return (
         (line.between(None, "req_id") + '"').encode(),
         ('"' + line.between("req_id", "token_idx")).encode(),
         line.between("token_idx", "layer").encode(),
         line.between("layer", "topk_ids").encode(),
         line.between("topk_ids", "topk_weights").encode(),
-        tuple((text.encode(), code) for text, code in tails),
+        tuple((text.encode(), code) for text, code in sorted(_phase_texts(), key=_length)),
     )
 
 
-_HEAD, _TOKEN, _LAYER, _IDS, _WEIGHTS, _TAILS = _layout_literals()
+def _phase_texts() -> list[tuple[str, int]]:
+    """Each phase's text after a line's weights, with its code (``NO_PHASE``: no phase): up to
+    where lines with a step and lines without one part. The rest of a line must then be
+    :data:`_STEP`, the step's digits and :data:`_END`, or :data:`_END` alone, whatever the
+    phase."""
+    out = []
+    for code, name in [*enumerate(schema.PHASES), (schema.NO_PHASE, None)]:
+        omit = () if name is not None else ("phase",)
+        with_step = _after_weights(layout.route_layout(1, omit=omit), name, "step")
+        without = _after_weights(layout.route_layout(1, omit=(*omit, "step")), name, None)
+        i = 0
+        while with_step[i : i + 1] == without[i : i + 1] != "":
+            i += 1
+        rest = (with_step[i:], without[i:], layout.route_layout(1).between("step", None))
+        if rest != (_STEP.decode(), _END.decode(), _END.decode()):
+            raise RuntimeError(f"moeprof.analysis.fastparse: unexpected route line end {rest}")
+        out.append((with_step[:i], code))
+    return out
+
+
+def _length(text_code: tuple[str, int]) -> int:
+    return len(text_code[0])
+
+
+def _after_weights(line: layout.RouteLayout, phase: str | None, then: str | None) -> str:
+    """The literal text of ``line`` from its last weight to field ``then`` (None: the end),
+    with the value ``phase`` in between when not None."""
+    if phase is None:
+        return line.between("topk_weights", then)
+    return line.between("topk_weights", "phase") + phase + line.between("phase", then)
+
+
+_STEP = b',"step":'
+"""The literal before a line's step, after its phase (or weights): read as one word."""
+_END = b"}\n"
+"""The literal after a line's last value."""
+_HEAD, _TOKEN, _LAYER, _IDS, _WEIGHTS, _PHASES = _layout_literals()
 RID_OFFSET = len(_HEAD)
 """Where a line's request id starts."""
 
 _COMMA, _QUOTE, _DOT, _MINUS, _PLUS = (_U(c) for c in b',".-+')  # JSON's punctuation
 _TOKEN_END = _U(_LAYER[0])  # the byte after token_idx
 _IDS_END = _U(_WEIGHTS[0])  # the byte after the last id
-_WEIGHTS_END = _U(_TAILS[0][0][0])  # the byte after the last weight
-if any(text[0] != _TAILS[0][0][0] for text, _ in _TAILS):
+_WEIGHTS_END = _U(_PHASES[0][0][0])  # the byte after the last weight
+_STEP_END = _U(_END[0])  # the byte after the step
+if any(text[0] != _PHASES[0][0][0] for text, _ in _PHASES):
     raise RuntimeError("moeprof.analysis.fastparse: route line tails must start alike")
+if len(_STEP) != 8 or len(_END) != 2:
+    raise RuntimeError("moeprof.analysis.fastparse: the step part is read as one word")
 
 
 # --------------------------------------------------------------------------- SWAR helpers
@@ -153,8 +188,13 @@ def word_view(buf: bytearray | np.ndarray) -> np.ndarray:
 
 
 def row_view(buf: bytearray | np.ndarray) -> np.ndarray:
-    """``out[i]`` is bytes ``i..i+ROW-1`` of ``buf`` (a strided view, copied when indexed)."""
-    return np.ndarray((len(buf) - ROW + 1, ROW), np.uint8, buffer=buf, strides=(1, 1))
+    """``out[i]`` is bytes ``i..i+ROW-1`` of ``buf`` as one ``ROW``-byte item (a strided view,
+    copied when indexed: numpy copies such items a third faster than rows of a 2-d uint8
+    view)."""
+    return np.ndarray((len(buf) - ROW + 1,), _ROW_ITEM, buffer=buf, strides=(1,))
+
+
+_ROW_ITEM = np.dtype((np.void, ROW))
 
 
 def line_bounds(a: np.ndarray, start: int, end: int, scratch: np.ndarray) -> np.ndarray:
@@ -183,7 +223,7 @@ class _Rows:
     """A block of ``ROW``-byte rows as uint64 words, read at constant byte offsets."""
 
     def __init__(self, rows: np.ndarray, pos: np.ndarray) -> None:
-        self.w = rows[pos].view(np.uint64)
+        self.w = rows[pos].view(np.uint64).reshape(pos.size, ROW // 8)
 
     def word(self, off: int) -> np.ndarray:
         """Bytes ``off..off+7`` of every row."""
@@ -219,6 +259,8 @@ class Parsed:
     token_idx: np.ndarray
     layer: np.ndarray
     phase: np.ndarray
+    step: np.ndarray
+    """int64, ``schema.NO_STEP`` where a line has no step."""
     rid_first: np.ndarray
     """Row of the first line of each distinct request id, in order of first appearance."""
     rid_inverse: np.ndarray
@@ -268,7 +310,7 @@ class BlockParser:
         layer, cur, first_id = self._layer(rows, cur, ok)
         ids, cur = self._ids(words, cur, first_id, ok)
         weights, cur = self._weights(words, rows, cur, ok)
-        phase = self._phase(rows, cur, ends, ok)
+        phase, step = self._tail(words, rows, cur, ends, ok)
         ok &= schema.ids_valid(ids.T, self.num_experts)
         rid = _group_rids(rid_words, ok)
         if rid is None:
@@ -280,6 +322,7 @@ class BlockParser:
             token_idx=token_idx,
             layer=layer,
             phase=phase,
+            step=step,
             rid_first=rid[0],
             rid_inverse=rid[1],
             rid_len=rid_len,
@@ -409,20 +452,44 @@ class BlockParser:
             cur = cur + 1
         return weights, cur - 1
 
-    def _phase(
-        self, rows: np.ndarray, cur: np.ndarray, ends: np.ndarray, ok: np.ndarray
-    ) -> np.ndarray:
-        """From the byte after the last weight to the newline at ``ends``: the phase code."""
+    def _tail(
+        self,
+        words: np.ndarray,
+        rows: np.ndarray,
+        cur: np.ndarray,
+        ends: np.ndarray,
+        ok: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """From the byte after the last weight to the newline at ``ends``: the phase code and
+        the step (``NO_STEP`` where the line has none)."""
         r = _Rows(rows, cur)
-        phase = np.zeros(cur.size, np.int8)
-        ended = np.zeros(cur.size, bool)
-        for lit, code in _TAILS:
-            hit = r.literal(lit) & (cur + (len(lit) - 1) == ends)
-            if code:
-                phase[hit] = code
-            ended |= hit
-        ok &= ended
-        return phase
+        n = cur.size
+        phase = np.zeros(n, np.int8)
+        at = np.zeros(n, np.int64)
+        found = np.zeros(n, bool)
+        for lit, code in _PHASES:  # shortest first: a longer one that matches wins
+            hit = r.literal(lit)
+            phase[hit] = code
+            at[hit] = len(lit)
+            found |= hit
+        cur = cur + at
+        w = words[cur]
+        end_word, end_mask = _word(_END)
+        ended = ((w & end_mask) == end_word) & (cur + (len(_END) - 1) == ends)
+        stepped = w == _word(_STEP)[0]
+        step = np.full(n, schema.NO_STEP, np.int64)
+        if stepped.any():
+            rows_ = None if stepped.all() else np.flatnonzero(stepped)
+            at_step = cur + len(_STEP) if rows_ is None else cur[rows_] + len(_STEP)
+            value, stop, good = _long_int_run(words, at_step, _STEP_END)
+            good &= stop + (len(_END) - 1) == (ends if rows_ is None else ends[rows_])
+            if rows_ is None:
+                step, ended = value, good
+            else:
+                step[rows_] = value
+                ended[rows_] = good
+        ok &= found & ended
+        return phase, step
 
 
 def _int_run(
@@ -433,6 +500,28 @@ def _int_run(
     x = w ^ _ZEROS
     n = _count_below(_flags_nondigit(x))
     return _int(_digits_value(x, n)), pos + _int(n), _int_checks(x, n, end ^ _U(0x30))
+
+
+def _long_int_run(
+    words: np.ndarray, pos: np.ndarray, end: np.uint64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_int_run` for 1-15 digits at ``pos``: a second word where the first is all
+    digits (rare: a step number of 8 digits or more)."""
+    x = words[pos] ^ _ZEROS
+    n = _count_below(_flags_nondigit(x))
+    value, cur = _int(_digits_value(x, n)), pos + _int(n)
+    ok = _int_checks(x, n, end ^ _U(0x30))  # rejects n == 8: handled below
+    long = np.flatnonzero(n == _U(8))
+    if long.size:
+        x1 = x[long]
+        x2 = words[pos[long] + 8] ^ _ZEROS
+        n2 = _count_below(_flags_nondigit(x2))
+        v = _digits_value(x1, _U(8)) * _POW10_INT[_int(n2)] + _digits_value(x2, n2)
+        value[long] = _int(v)
+        cur[long] = pos[long] + 8 + _int(n2)
+        # n2 == 8 reads 0, which is no end byte: at most 15 digits. No leading zero either.
+        ok[long] = (_byte_at(x2, n2) == (end ^ _U(0x30))) & ((x1 & _U(0xF0FF)) != _U(0))
+    return value, cur, ok
 
 
 def _int_checks(x: np.ndarray, n: np.ndarray, end: np.ndarray | np.uint64) -> np.ndarray:

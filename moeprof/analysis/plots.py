@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -26,6 +27,8 @@ PHASE_COLORS = {"prefill": "#4C72B0", "decode": "#DD8452", "unknown": "#8C8C8C"}
 ACCENT_COLOR = "#C44E52"
 """Red: the uniform-share line and the contamination warning."""
 DPI = 150
+MAX_PANELS = 6
+"""Co-selection matrices drawn side by side at most."""
 
 
 def check_writable(out: Path, force: bool) -> None:
@@ -211,30 +214,80 @@ def _contamination_warning(ax: Axes, log: LogAnalysis) -> None:
 
 
 def heatmap_figure(report: AnalysisReport, *, sort: bool = False) -> Figure:
-    """One row per (log, layer), one column per expert, colour = share of selections."""
-    rows = report.rows()
-    grid, labels = _share_grid(report)
+    """One row per (log, layer), one column per expert, colour = share of selections.
+
+    With several rows (a log of several layers, or several logs) a panel on the right draws
+    each row's entropy (% of its maximum), so the most skewed layers stand out; with several
+    logs the rows of one layer sit together, between thin separators, and experts a log's model
+    does not have are grey."""
+    rows = _heatmap_rows(report)
+    grid, labels = _share_grid(report, rows)
     e = grid.shape[1]
-    order = _by_load(grid.sum(axis=0)) if sort else np.arange(e)
-    height = min(max(3.0, 0.32 * len(rows) + 2.0), 30.0)
-    fig = Figure(figsize=(_width(e, 3.5), height), layout="constrained")
-    ax = fig.subplots()
-    im = ax.imshow(grid[:, order], aspect="auto", cmap="viridis", interpolation="nearest")
+    order = _by_load(np.nansum(grid, axis=0)) if sort else np.arange(e)
+    n = len(rows)
+    height = min(max(3.0, (0.32 if n <= 30 else 0.22) * n + 2.0), 30.0)
+    profile = n > 1
+    fig = Figure(figsize=(_width(e, 3.5 + (2.2 if profile else 0.0)), height), layout="constrained")
+    if profile:
+        ax, prof = fig.subplots(
+            1, 2, sharey=True, gridspec_kw={"width_ratios": [max(0.2 * e, 5.0), 1.8]}
+        )
+    else:
+        ax, prof = fig.subplots(), None
+    cmap = colormaps["viridis"].with_extremes(bad="#D9D9D9")
+    im = ax.imshow(grid[:, order], aspect="auto", cmap=cmap, interpolation="nearest")
     _expert_ticks(ax, [int(i) for i in order])
-    ax.set_yticks(np.arange(len(rows)), labels, fontsize=8 if len(rows) <= 30 else 6)
+    ax.set_yticks(np.arange(n), labels, fontsize=8 if n <= 30 else 6)
     ax.set_xlabel("expert id" + (" (sorted by total load)" if sort else ""))
-    fig.colorbar(im, ax=ax, label=f"share of selections (%); uniform = {100 / e:.2f}%", pad=0.01)
+    for y in _group_edges(rows, report):
+        ax.axhline(y, color="white", linewidth=1.5)
+    if prof is not None:
+        _entropy_profile(prof, report, rows)
+    fig.colorbar(
+        im,
+        ax=[ax, prof] if prof is not None else ax,
+        label=f"share of selections (%); uniform = {_uniform_label(rows)}",
+        pad=0.01,
+        aspect=max(20.0, 4 * height),  # about a quarter inch wide, however tall the figure
+    )
     models = sorted({log.model_id for log, _ in rows})
     ax.set_title(f"expert load per layer: {', '.join(models)}", fontsize=11)
     return fig
 
 
-def _share_grid(report: AnalysisReport) -> tuple[np.ndarray, list[str]]:
-    """(rows x experts) % of selections per (log, layer), zero-padded to the widest layer, and
-    a label per row."""
+def _heatmap_rows(report: AnalysisReport) -> list[tuple[LogAnalysis, LayerAnalysis]]:
+    """The report's rows; with several logs grouped by layer (ascending), logs in order."""
     rows = report.rows()
+    if len(report.logs) == 1:
+        return rows
+    return sorted(rows, key=lambda r: r[1].layer)  # stable: logs keep their order
+
+
+def _group_edges(
+    rows: list[tuple[LogAnalysis, LayerAnalysis]], report: AnalysisReport
+) -> list[float]:
+    """y of the separators between layers, with several logs (and several layers)."""
+    if len(report.logs) == 1 or len(rows) == len(report.logs):
+        return []
+    layers = [la.layer for _, la in rows]
+    return [i - 0.5 for i in range(1, len(layers)) if layers[i] != layers[i - 1]]
+
+
+def _uniform_label(rows: list[tuple[LogAnalysis, LayerAnalysis]]) -> str:
+    """'1.67%', or one share per expert count ('1.67% (60 experts), 1.56% (64 experts)')."""
+    counts = sorted({la.stats.num_experts for _, la in rows})
+    if len(counts) == 1:
+        return f"{100 / counts[0]:.2f}%"
+    return ", ".join(f"{100 / c:.2f}% ({c} experts)" for c in counts)
+
+
+def _share_grid(
+    report: AnalysisReport, rows: list[tuple[LogAnalysis, LayerAnalysis]]
+) -> tuple[np.ndarray, list[str]]:
+    """(rows x experts) % of selections per (log, layer), NaN beyond a row's expert count (an
+    expert its model does not have), and a label per row."""
     several = len(report.logs) > 1
-    grid = np.zeros((len(rows), max(la.stats.num_experts for _, la in rows)))
+    grid = np.full((len(rows), max(la.stats.num_experts for _, la in rows)), np.nan)
     labels = []
     for r, (log, la) in enumerate(rows):
         d = np.array(la.stats.distribution)
@@ -243,13 +296,40 @@ def _share_grid(report: AnalysisReport) -> tuple[np.ndarray, list[str]]:
     return grid, labels
 
 
+def _entropy_profile(
+    ax: Axes, report: AnalysisReport, rows: list[tuple[LogAnalysis, LayerAnalysis]]
+) -> None:
+    """Entropy (% of its maximum) of each row, a line per log through its layers."""
+    several = len(report.logs) > 1
+    for i, log in enumerate(report.logs):
+        ys = [r for r, (rlog, la) in enumerate(rows) if rlog is log and la.stats.tokens]
+        xs = [100 * rows[r][1].stats.entropy_ratio for r in ys]
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            markersize=3.5,
+            linewidth=1,
+            color=f"C{i % 10}",
+            label=Path(log.path).stem if several else None,
+        )
+    ax.set_xlabel("entropy (% of max)")
+    ax.tick_params(axis="y", labelleft=False)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("entropy by layer", fontsize=10)
+    if several:
+        ax.legend(fontsize=7, frameon=False, loc="best")
+
+
 def coselect_figure(report: AnalysisReport, *, sort: bool = False) -> Figure:
-    """Expert x expert: share of tokens that chose both experts (diagonal hidden). Up to six
-    (log, layer) rows side by side."""
+    """Expert x expert: share of tokens that chose both experts (diagonal hidden). Up to
+    :data:`MAX_PANELS` (log, layer) rows side by side; beyond that the figure's title says which
+    it shows and how to choose."""
     rows = [(log, la) for log, la in report.rows() if la.coselection is not None]
     if not rows:
         raise UserError("no co-selection matrix: too many experts, or no routes")
-    rows = rows[:6]
+    total = len(rows)
+    rows = rows[:MAX_PANELS]
     cols = min(len(rows), 2)
     nrows = math.ceil(len(rows) / cols)
     fig = Figure(figsize=(8.5 * cols, 7.5 * nrows), layout="constrained")
@@ -258,7 +338,19 @@ def coselect_figure(report: AnalysisReport, *, sort: bool = False) -> Figure:
         ax.axis("off")
     for ax, (log, la) in zip(axes.ravel(), rows, strict=False):
         _coselect_panel(fig, ax, log, la, sort)
+    if total > len(rows):
+        fig.suptitle(
+            f"co-selection of the first {len(rows)} of {total} layers "
+            f"({', '.join(_row_name(report, log, la) for log, la in rows)}); "
+            "choose others with --layer",
+            fontsize=12,
+            color=ACCENT_COLOR,
+        )
     return fig
+
+
+def _row_name(report: AnalysisReport, log: LogAnalysis, la: LayerAnalysis) -> str:
+    return f"{Path(log.path).stem} L{la.layer}" if len(report.logs) > 1 else f"{la.layer}"
 
 
 def _coselect_panel(fig: Figure, ax: Axes, log: LogAnalysis, la: LayerAnalysis, sort: bool) -> None:

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from moeprof import schema
 from moeprof.analysis import fastparse
 from moeprof.errors import UserError
-from moeprof.schema import NO_PHASE, PHASES
+from moeprof.schema import NO_PHASE, NO_STEP, PHASES
 
 BLOCK_BYTES = 4 << 20
 """Bytes read per block; also the longest line accepted (a route line is ~200 bytes)."""
@@ -111,6 +111,9 @@ class RouteChunk:
     """(n,) int64 position of the token in its request."""
     phase: np.ndarray
     """(n,) int8: index into :data:`moeprof.schema.PHASES`, or ``NO_PHASE``."""
+    step: np.ndarray
+    """(n,) int64 engine step (forward pass) number, or ``NO_STEP`` (-1) where the line has no
+    step (logs written before the hook logged it, other tools' logs)."""
     req: np.ndarray
     """(n,) int64 request codes: ``RouteLog.req_ids[code]`` is the req_id string."""
     line: np.ndarray
@@ -179,12 +182,25 @@ def _route_struct(k: int, layers: list[int]) -> type[msgspec.Struct]:
             ("topk_ids", tuple[(int,) * k]),  # type: ignore[misc]
             ("topk_weights", tuple[(float,) * k]),  # type: ignore[misc]
             ("phase", schema.Phase | None, None),
+            ("step", Annotated[int, msgspec.Meta(ge=0)] | None, None),
         ],
         gc=False,
     )
 
 
 _get = operator.attrgetter
+
+
+def _steps(steps: list[int | None]) -> np.ndarray:
+    """The step column of decoded records (``NO_STEP`` for None): the common cases, every
+    record with a step or none with one, without a Python step per record."""
+    n = len(steps)
+    try:
+        return np.fromiter(steps, np.int64, n)
+    except TypeError:  # a None among them
+        if steps.count(None) == n:
+            return np.full(n, NO_STEP, np.int64)
+        return np.fromiter([NO_STEP if s is None else s for s in steps], np.int64, n)
 
 
 def _one_object_per_line(data: memoryview, scratch: np.ndarray) -> int | None:
@@ -562,13 +578,14 @@ class RouteLog:
             "token_idx": np.empty(n, np.int64),
             "layer": np.empty(n, np.int64),
             "phase": np.empty(n, np.int8),
+            "step": np.empty(n, np.int64),
             "req": np.zeros(n, np.int64),
         }
         for s, p in parts:
             e = s + p.ok.size
             cols["ids"][s:e] = p.ids.T
             cols["weights"][s:e] = p.weights.T  # float64 -> float32, rounded as astype does
-            for name in ("token_idx", "layer", "phase"):
+            for name in ("token_idx", "layer", "phase", "step"):
                 cols[name][s:e] = getattr(p, name)
             if p.rid_first.size:
                 codes = self._request_codes(buf, starts[s + p.rid_first], p.rid_len[p.rid_first])
@@ -614,7 +631,7 @@ class RouteLog:
         assert meta is not None
         n, k = nlines, meta.top_k
         with _gc_paused():
-            ids, w64, token_idx, layer, phase, req_names = self._msgspec_columns(data, n, k)
+            ids, w64, token_idx, layer, phase, step, req_names = self._msgspec_columns(data, n, k)
         ids = ids.reshape(n, k)
         if not schema.ids_valid(ids, meta.num_experts).all():
             raise _Reject
@@ -627,6 +644,7 @@ class RouteLog:
             layer=layer,
             token_idx=token_idx,
             phase=phase,
+            step=step,
             req=req,
             line=np.arange(first, first + n, dtype=np.int64) if lines is None else lines,
         )
@@ -652,12 +670,13 @@ class RouteLog:
                 layer = np.full(n, self.layers[0], np.int64)
             else:
                 layer = np.fromiter(map(_get("layer"), recs), np.int64, n)
+            step = _steps(list(map(_get("step"), recs)))
         except (OverflowError, ValueError) as e:
             raise _Reject from e
         phase = np.fromiter(map(_PHASE_CODE.__getitem__, map(_get("phase"), recs)), np.int8, n)
         req_names = list(map(_get("req_id"), recs))
         del recs
-        return ids, w64, token_idx, layer, phase, req_names
+        return ids, w64, token_idx, layer, phase, step, req_names
 
     # ------------------------------------------------------------------ pydantic
 
@@ -681,7 +700,9 @@ class RouteLog:
         except ValidationError as e:
             sink(Issue(lineno, _route_reason(raw, e)))
             return None
-        problem = schema.range_problem(rec.token_idx, rec.layer, rec.topk_ids, rec.topk_weights)
+        problem = schema.range_problem(
+            rec.token_idx, rec.layer, rec.topk_ids, rec.topk_weights, rec.step
+        )
         if problem:
             sink(Issue(lineno, problem))
             return None
@@ -696,6 +717,7 @@ class RouteLog:
             layer=np.array([r.layer for r in recs], np.int64),
             token_idx=np.array([r.token_idx for r in recs], np.int64),
             phase=np.array([_PHASE_CODE[r.phase] for r in recs], np.int8),
+            step=np.array([NO_STEP if r.step is None else r.step for r in recs], np.int64),
             req=np.array([self._codes[r.req_id] for r in recs], np.int64),
             line=np.array([ln for ln, _ in good], np.int64),
         )

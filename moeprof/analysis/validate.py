@@ -4,6 +4,12 @@ The schema judges one line at a time; this module adds what only the whole file 
 truncation, repeated (req_id, token_idx, layer) keys, holes in token positions, layers that saw
 different token counts, and, given the run's outputs file, exact per-request accounting
 (prompt + generated - 1 routes per request and layer: the last sampled token is never fed back).
+
+With prefix caching the cached prompt prefix skips the router: a request whose outputs record
+has ``num_cached_tokens`` must have exactly positions ``num_cached_tokens .. prompt + generated
+- 2`` at every logged layer. An outputs file without that field (older ``generate`` runs) next
+to a log that says prefix caching was on gets a looser check: positions must reach the last
+fed token, and the cached prefix is inferred from the first logged position.
 """
 
 from __future__ import annotations
@@ -50,9 +56,15 @@ class OutputsCheck:
     missing_from_log: int
     extra_in_log: int
     mismatched: int
-    """(request, layer) pairs whose route count differs from prompt + generated - 1."""
+    """(request, layer) pairs whose routes differ from the expected count or positions."""
     expected_routes: int
-    """Sum over requests and layers of prompt + generated - 1."""
+    """Sum over requests and layers of prompt - cached + generated - 1."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache, summed over requests (recorded or inferred)."""
+    cached_inferred: int = 0
+    """Requests whose cached prefix is inferred from the log's first position, not recorded in
+    the outputs (prefix caching on, outputs without ``num_cached_tokens``): for them
+    ``expected_routes`` counts what the log shows from there on."""
 
 
 @dataclass
@@ -296,27 +308,26 @@ def _check_outputs(
     layers = log.layers
     missing = [req for req in outputs if req not in code]
     extra = [req for req in code if req not in outputs]
-    mismatched = 0
+    mismatched = expected_total = cached_total = inferred = 0
     for req, rec in outputs.items():
-        if req not in code:
+        r = code.get(req)
+        if r is None:
+            expected_total += rec.expected_routes * len(layers)
+            cached_total += rec.first_routed
             continue
-        r = code[req]
-        expected = rec.expected_routes
-        for slot, layer in enumerate(layers):
-            got = int(counts[r, slot])
-            g = r * len(layers) + slot
-            top = int(positions.hi[g]) + 1 if g < positions.groups and got else 0
-            ok = (got <= expected and top == expected) if caching else got == expected
-            if not ok:
+        spans = [_span(positions, counts, r * len(layers) + slot) for slot in range(len(layers))]
+        if rec.num_cached_tokens is None and caching:
+            inferred += 1
+            start = min((lo for got, lo, _ in spans if got), default=0)
+            cached_total += start
+        else:
+            cached_total += rec.first_routed
+        for layer, (got, lo, top) in zip(layers, spans, strict=True):
+            expected, problem = _judge(rec, caching, got, lo, top)
+            expected_total += expected
+            if problem is not None:
                 mismatched += 1
-                how = f"positions up to {top - 1}, " if caching else ""
-                sink(
-                    Issue(
-                        None,
-                        f"req_id {req!r} layer {layer}: {how}{got} routes, expected {expected} "
-                        f"(prompt {rec.prompt_tokens} + generated {rec.generated_tokens} - 1)",
-                    )
-                )
+                sink(Issue(None, f"req_id {req!r} layer {layer}: {problem}"))
     hint = ""
     if missing and extra and all("-" in e for e in extra):
         hint = " (log ids look like engine-internal ids with a suffix; join on the user-facing id)"
@@ -331,8 +342,57 @@ def _check_outputs(
         missing_from_log=len(missing),
         extra_in_log=len(extra),
         mismatched=mismatched,
-        expected_routes=sum(r.expected_routes for r in outputs.values()) * len(layers),
+        expected_routes=expected_total,
+        cached_tokens=cached_total,
+        cached_inferred=inferred,
     )
+
+
+def _span(positions: PositionSet, counts: np.ndarray, group: int) -> tuple[int, int, int]:
+    """(distinct positions, first position, one past the last) of a (request, layer) group;
+    (0, 0, 0) when it has none."""
+    got = int(counts.reshape(-1)[group])
+    if not got or group >= positions.groups:
+        return 0, 0, 0
+    return got, int(positions.lo[group]), int(positions.hi[group]) + 1
+
+
+def _judge(
+    rec: schema.OutputRecord, caching: bool, got: int, lo: int, top: int
+) -> tuple[int, str | None]:
+    """What one (request, layer) should have logged, and what is wrong with it (None: right).
+
+    ``got`` distinct positions from ``lo`` to ``top - 1``; the request fed positions
+    ``start .. end - 1``, where ``start`` is the cached prefix (recorded in the outputs, or
+    with caching on and nothing recorded, taken from the log).
+    """
+    end = rec.prompt_tokens + max(rec.generated_tokens - 1, 0)
+    fed = f"prompt {rec.prompt_tokens} + generated {rec.generated_tokens} - 1"
+    if rec.num_cached_tokens is not None:
+        start = rec.num_cached_tokens
+        expected = max(end - start, 0)
+        if start:
+            fed = (
+                f"prompt {rec.prompt_tokens} - cached {start} + "
+                f"generated {rec.generated_tokens} - 1"
+            )
+        in_place = got == 0 or (lo == start and top == end)
+        if got == expected and in_place:
+            return expected, None
+        where = f" at positions {lo}..{top - 1}" if got else ""
+        want = f" at positions {start}..{end - 1}" if start else ""
+        return expected, f"{got} routes{where}, expected {expected}{want} ({fed})"
+    if caching:  # prefix caching on, cached prefix not recorded: the positions must reach the end
+        expected = end - lo if got else end
+        if got <= end and top == end:
+            return expected, None
+        return expected, (
+            f"positions up to {top - 1}, {got} routes, expected positions up to {end - 1} "
+            f"({fed}; cached prefix not recorded in the outputs)"
+        )
+    if got == end:
+        return end, None
+    return end, f"{got} routes, expected {end} ({fed})"
 
 
 def report_json(report: ValidationReport) -> str:

@@ -1,15 +1,21 @@
-"""Device-side capture of one MoE layer's routing, safe under CUDA graphs and Dynamo.
+"""Device-side capture of the logged MoE layers' routing, safe under CUDA graphs and Dynamo.
 
 Invariants:
-    - The buffer is allocated once, before warm-up, compilation and graph capture, sized for
-      the largest batch the engine may run (``max_num_batched_tokens`` rows).
-    - Inside the forward pass the only work is two slice copies into that buffer, inside one
-      opaque operator (``moeprof::capture_routes``): no host sync, no allocation, no Python
-      branch on tensor values. CUDA graphs record the copies and replay them; Dynamo puts the
-      operator into the compiled graph without letting Inductor fuse it into the router.
-    - Every forward, dummy or real, overwrites rows ``[:n]``; padding rows beyond the real
-      tokens hold garbage. Only the host side, which knows the real token count of a real
-      step, decides which rows are read (see ``collector.py``).
+    - One buffer for all logged layers, allocated once, before warm-up, compilation and graph
+      capture, sized for the largest batch the engine may run (``max_num_batched_tokens``
+      tokens). Token-major: ``rows[t, slot]`` is token ``t`` at the ``slot``-th logged layer
+      (ascending layer order), so a step's first ``n`` tokens are one contiguous block and
+      reach the host in one copy.
+    - One row is ``2 * top_k`` int32: the k ids, then the k float32 weights stored bit for bit.
+      So a token costs ``8 * top_k`` bytes per logged layer (32 B at top-4).
+    - Inside the forward pass the only work per logged layer is two slice copies into that
+      buffer, inside one opaque operator (``moeprof::capture_routes``): no host sync, no
+      allocation, no Python branch on tensor values. CUDA graphs record the copies and replay
+      them; Dynamo puts the operator into the compiled graph without letting Inductor fuse it
+      into the router.
+    - Every forward, dummy or real, overwrites tokens ``[:n]`` of every logged layer; padding
+      rows beyond the real tokens hold garbage. Only the host side, which knows the real token
+      count of a real step, decides which rows are read (see ``collector.py``).
     - Ids are the logical expert ids the router returns, before any EPLB logical-to-physical
       mapping (``compat.tap_routing`` says where they come from).
 """
@@ -21,8 +27,10 @@ from collections.abc import Callable
 import torch
 
 
-def _capture_routes(rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
-    """The two slice copies, as an operator the compiler cannot see into.
+def _capture_routes(
+    rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot: int
+) -> None:
+    """The two slice copies into layer ``slot``, as an operator the compiler cannot see into.
 
     Written inline, the copies become extra stores that Inductor fuses into the router's
     top-k kernel; that changed the order of the selected experts, and with it the bf16
@@ -30,40 +38,52 @@ def _capture_routes(rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     one. Behind an opaque operator the router's kernels stay exactly as without logging.
     """
     n, k = topk_ids.shape
-    rows[:n, :k].copy_(topk_ids)
-    rows[:n, k:].view(torch.float32).copy_(topk_weights)
+    rows[:n, slot, :k].copy_(topk_ids)
+    rows[:n, slot, k:].view(torch.float32).copy_(topk_weights)
 
 
 # Registered on the dispatcher directly, the way vLLM's ``direct_register_custom_op`` does:
 # ``torch.library.custom_op`` wraps each call in Python dispatch logic that cost ~18 us a call
 # on CPU, against ~2 us here. CompositeExplicitAutograd gives every backend this kernel and is
-# never decomposed by Inductor, so the operator stays opaque in compiled graphs.
+# never decomposed by Inductor, so the operator stays opaque in compiled graphs. The layer's
+# slot is an int argument (a constant in each layer's call site), so every layer writes into
+# the one shared buffer, not into a view of it.
 _LIB = torch.library.Library("moeprof", "DEF")
-_LIB.define("capture_routes(Tensor(a!) rows, Tensor topk_ids, Tensor topk_weights) -> ()")
+_LIB.define("capture_routes(Tensor(a!) rows, Tensor topk_ids, Tensor topk_weights, int slot) -> ()")
 _LIB.impl("capture_routes", _capture_routes, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("moeprof::capture_routes", lib=_LIB)
-def _(rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+def _(rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot: int) -> None:
     return None
 
 
 class RouteCapture:
-    """A static buffer that one router writes its ``topk_ids``/``topk_weights`` into.
+    """The static buffer the logged layers' routers write their ``topk_ids``/``topk_weights``
+    into: ``rows`` is ``(max_tokens, num_layers, 2 * top_k)`` int32 (see the module's
+    invariants)."""
 
-    One int32 row per token: the k ids, then the k float32 weights stored bit for bit, so
-    that moving a step's rows to the host is one copy, not two.
-    """
+    def __init__(self, max_tokens: int, num_layers: int, top_k: int, device: torch.device) -> None:
+        self.rows = torch.zeros(
+            (max_tokens, num_layers, 2 * top_k), dtype=torch.int32, device=device
+        )
 
-    def __init__(self, max_tokens: int, top_k: int, device: torch.device) -> None:
-        self.rows = torch.zeros((max_tokens, 2 * top_k), dtype=torch.int32, device=device)
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
 
-    def tap(self) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        """What the router calls with its ``topk_ids``/``topk_weights`` (see
-        :func:`moeprof.hook.compat.tap_routing`): the capture operator on this buffer."""
+    def token_rows(self) -> torch.Tensor:
+        """The buffer as one row per token (all logged layers side by side), for the copy."""
+        return self.rows.view(self.rows.shape[0], -1)
+
+    def tap(self, slot: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """What the router of the ``slot``-th logged layer calls with its ``topk_ids`` and
+        ``topk_weights`` (see :func:`moeprof.hook.compat.tap_routing`)."""
+        if not 0 <= slot < self.rows.shape[1]:
+            raise ValueError(f"slot {slot} is outside the {self.rows.shape[1]} logged layers")
         rows = self.rows
 
         def capture(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
-            torch.ops.moeprof.capture_routes(rows, topk_ids, topk_weights)
+            torch.ops.moeprof.capture_routes(rows, topk_ids, topk_weights, slot)
 
         return capture

@@ -1,4 +1,4 @@
-"""The host side of the hook: one per worker process that owns the logged layer.
+"""The host side of the hook: one per worker process that owns the logged layers.
 
 After each real step it snapshots the batch layout, copies the captured rows into the host ring
 (on a GPU: a non-blocking copy into pinned memory, then an event), and queues both for the
@@ -23,19 +23,23 @@ from moeprof.hook.capture import RouteCapture
 from moeprof.hook.config import ENV_LAYER, HookConfig
 from moeprof.hook.ring import HostRing
 from moeprof.hook.writer import LogWriter, StepItem
+from moeprof.layers import LayerSelection, LayerSpecError, format_layers
 from moeprof.schema import meta_dict
 
-logger = logging.getLogger("moeprof.hook")
+logger = logging.getLogger("vllm.moeprof")
 
 RING_WAIT_SEC = 30.0
 """How long a step waits for the writer to free host memory before logging stops."""
-MIN_RING_ROWS = 1 << 17
+RING_BYTES = 4 << 20
+"""The host ring's size, unless two of the largest steps need more."""
 NUM_EVENTS = 64
 
 
-def ring_rows(max_tokens: int) -> int:
-    """At least four of the largest steps, so a half-full ring still takes two more."""
-    return max(MIN_RING_ROWS, 4 * max_tokens)
+def ring_rows(max_tokens: int, row_bytes: int) -> int:
+    """Rows (tokens, all logged layers each) of the host ring: ``RING_BYTES`` worth, bounded by
+    bytes so that logging every layer of a big model does not multiply it, but never fewer
+    than two of the largest steps, so that a half-full ring still takes one more."""
+    return max(RING_BYTES // row_bytes, 2 * max_tokens)
 
 
 class StepCollector:
@@ -50,13 +54,16 @@ class StepCollector:
         self.writer = writer
         self.ring = writer.ring
         on_host = device.type == "cpu"
-        self._rows_np = capture.rows.numpy() if on_host else None
         self._events = (
             [torch.cuda.Event() for _ in range(NUM_EVENTS)] if device.type == "cuda" else []
         )
         self._next_event = 0
         self._pending_finished: set[str] = set()
         self._read_step = read_step
+        self._token_rows = capture.token_rows()
+        self._token_rows_np = self._token_rows.numpy() if on_host else None
+        self.steps = 0
+        """Real steps handed to the writer so far: the next one's ``step`` number."""
         self.disabled = False
         self.armed = False
         """False until the engine's warm-up is over (see ``install._arm_after_warmup``)."""
@@ -66,40 +73,58 @@ class StepCollector:
     def start(cls, worker: Any, config: HookConfig) -> StepCollector | None:
         """Check the request against the loaded model, then start capturing.
 
-        Raises :class:`HookRefusal` when the layer cannot be logged; returns None when this
-        worker has nothing to write (another pipeline stage holds the layer, or it is not
+        Raises :class:`HookRefusal` when the layers cannot be logged; returns None when this
+        worker has nothing to write (another pipeline stage holds the layers, or it is not
         tensor-parallel rank 0: every TP rank routes the same tokens, and rank 0 writes them).
         """
         facts = compat.engine_facts(worker)
         refuse_unsupported_engine(facts)
-        router = router_to_log(compat.moe_runners(worker), config.layer, facts)
-        if router is None or facts.tensor_parallel_rank != 0:
+        routers = routers_to_log(compat.moe_runners(worker), config.layers, facts)
+        if routers is None or facts.tensor_parallel_rank != 0:
             return None
-        return cls.open(facts, router, config, compat.StepReader(worker))
+        return cls.open(facts, routers, config, compat.StepReader(worker))
 
     @classmethod
     def open(
         cls,
         facts: compat.EngineFacts,
-        router: compat.Router,
+        routers: dict[int, compat.Router],
         config: HookConfig,
         read_step: Callable[[Any], compat.ScheduledStep],
     ) -> StepCollector:
-        """Open the log, allocate the buffers and tap the router."""
+        """Open the log, allocate the buffers and tap the routers (``routers``: layer ->
+        router, in ascending layer order)."""
+        layers = sorted(routers)
+        top_k = common_top_k(routers)
         path = config.path_for_dp_rank(facts.data_parallel_rank, facts.data_parallel_size)
         max_tokens = facts.max_router_tokens
+        row_ints = len(layers) * 2 * top_k
+        ring = HostRing(
+            ring_rows(max_tokens, row_ints * 4), len(layers), top_k, pin=facts.device.type == "cuda"
+        )
         writer = LogWriter(
             path,
-            log_meta(facts, router, config.layer),
-            config.layer,
-            router.top_k,
+            log_meta(facts, routers),
+            layers,
+            top_k,
             compat.external_request_id,
             overwrite=config.overwrite,
-            ring=HostRing(ring_rows(max_tokens), router.top_k, pin=facts.device.type == "cuda"),
+            ring=ring,
         )
-        capture = RouteCapture(max_tokens, router.top_k, facts.device)
-        compat.tap_routing(router, capture.tap())
-        logger.info("moeprof: logging MoE layer %d of %s to %s", config.layer, facts.model_id, path)
+        capture = RouteCapture(max_tokens, len(layers), top_k, facts.device)
+        for slot, layer in enumerate(layers):
+            compat.tap_routing(routers[layer], capture.tap(slot))
+        writer.device_bytes = capture.nbytes
+        logger.info(
+            "moeprof: logging MoE layer%s %s of %s to %s (device buffer %.1f MiB, host ring "
+            "%.1f MiB)",
+            "s" if len(layers) > 1 else "",
+            format_layers(layers),
+            facts.model_id,
+            path,
+            capture.nbytes / 2**20,
+            ring.nbytes / 2**20,
+        )
         return cls(capture, writer, facts.device, read_step)
 
     def after_step(self, scheduler_output: Any) -> None:
@@ -118,7 +143,10 @@ class StepCollector:
             start = self.ring.reserve(batch.num_tokens, self.writer.wake, RING_WAIT_SEC)
             event = self._copy_rows(batch.num_tokens, start % self.ring.capacity)
             finished, self._pending_finished = self._pending_finished, set()
-            self.writer.submit(StepItem(batch, start, event, step.new_prompt_lens, finished))
+            self.writer.submit(
+                StepItem(batch, start, event, step.new_prompt_lens, finished, self.steps)
+            )
+            self.steps += 1
         except Exception as e:
             self.disabled = True
             logger.error(
@@ -128,10 +156,10 @@ class StepCollector:
     def _copy_rows(self, n: int, row: int) -> torch.cuda.Event | None:
         """Copy the step's first ``n`` captured rows to ring row ``row``; on a GPU, return the
         event that marks the end of the (non-blocking) copy."""
-        if self._rows_np is not None:
-            self.ring.rows_np[row : row + n] = self._rows_np[:n]
+        if self._token_rows_np is not None:
+            self.ring.rows_np[row : row + n] = self._token_rows_np[:n]
             return None
-        self.ring.rows[row : row + n].copy_(self.capture.rows[:n], non_blocking=bool(self._events))
+        self.ring.rows[row : row + n].copy_(self._token_rows[:n], non_blocking=bool(self._events))
         if not self._events:
             return None
         event = self._events[self._next_event]
@@ -151,31 +179,61 @@ def refuse_unsupported_engine(facts: compat.EngineFacts) -> None:
         )
 
 
-def router_to_log(
-    runners: dict[int, Any], layer: int, facts: compat.EngineFacts
-) -> compat.Router | None:
-    """The router of ``layer``, or None when another pipeline stage holds that layer."""
-    if layer not in runners:
-        if facts.pipeline_parallel_size > 1 and runners:
-            return None
-        if not runners:
-            raise HookRefusal(f"{facts.model_id} has no MoE layer to log")
+def routers_to_log(
+    runners: dict[int, Any], selection: LayerSelection, facts: compat.EngineFacts
+) -> dict[int, compat.Router] | None:
+    """The routers of the selected layers (layer -> router), or None when this pipeline stage
+    holds none of them.
+
+    Under pipeline parallelism a worker sees only its stage's layers, so it cannot tell a
+    dense layer from another stage's: it logs the named layers it holds, and refuses a
+    selection that spans stages (the stages would write one file each, not yet supported).
+    """
+    pp = facts.pipeline_parallel_size > 1
+    if pp and runners:
+        if selection.is_all:
+            raise HookRefusal(
+                f"{ENV_LAYER}=all with pipeline parallelism is not supported: each stage holds "
+                "other layers; name layers of one stage"
+            )
+        held = [i for i in selection.indices or () if i in runners]
+        if not held:
+            return None  # another stage holds the layers
+        if len(held) < len(selection.indices or ()):
+            raise HookRefusal(
+                f"{ENV_LAYER}={selection}: this pipeline stage holds only layers "
+                f"{format_layers(held)} of them; name layers of one stage"
+            )
+    if not runners:
+        raise HookRefusal(f"{facts.model_id} has no MoE layer to log")
+    try:
+        layers = selection.resolve(runners, facts.model_id)
+    except LayerSpecError as e:
+        raise HookRefusal(f"{ENV_LAYER}={e}") from None
+    return {layer: compat.router_of(runners[layer], layer) for layer in layers}
+
+
+def common_top_k(routers: dict[int, compat.Router]) -> int:
+    """The one top_k of the logged layers (a log has one ``top_k``)."""
+    ks = {layer: r.top_k for layer, r in routers.items()}
+    if len(set(ks.values())) > 1:
         raise HookRefusal(
-            f"{ENV_LAYER}={layer} is not an MoE layer of {facts.model_id}; "
-            f"its MoE layers are {_ranges(sorted(runners))}"
+            f"the selected layers route to different numbers of experts ({ks}); "
+            "log layers with the same top_k"
         )
-    return compat.router_of(runners[layer], layer)
+    return next(iter(ks.values()))
 
 
-def log_meta(facts: compat.EngineFacts, router: compat.Router, layer: int) -> dict[str, Any]:
+def log_meta(facts: compat.EngineFacts, routers: dict[int, compat.Router]) -> dict[str, Any]:
     """The log's first line."""
+    router = routers[min(routers)]
     return meta_dict(
         model_id=facts.model_id,
         vllm_version=compat.vllm_version(),
         torch_version=torch.__version__,
         device=compat.device_name(facts.device),
         seed=facts.seed,
-        layers_logged=[layer],
+        layers_logged=sorted(routers),
         top_k=router.top_k,
         num_experts=facts.num_experts or router.num_experts,
         prefix_caching=facts.prefix_caching,
@@ -188,17 +246,3 @@ def log_meta(facts: compat.EngineFacts, router: compat.Router, layer: int) -> di
         moeprof_version=__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-
-
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5': a 60-layer list stays readable in one error line."""
-    out: list[str] = []
-    start = prev = values[0]
-    for v in [*values[1:], None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        out.append(f"{start}-{prev}" if prev > start else f"{start}")
-        if v is not None:
-            start = prev = v
-    return ", ".join(out)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeprof.errors import HookRefusal
+from moeprof.layers import LayerSelection, LayerSpecError, parse_layers
 
 ENV_LOG = "VLLM_LOG_MOE"
 ENV_LAYER = "VLLM_MOE_LAYER"
@@ -22,7 +23,8 @@ _ENV_CHECKED = "_MOEPROF_CHECKED_PATH"
 @dataclass(frozen=True)
 class HookConfig:
     path: Path
-    layer: int
+    layers: LayerSelection
+    """Resolved against the loaded model's MoE layers by the collector."""
     overwrite: bool
 
     def path_for_dp_rank(self, dp_rank: int, dp_size: int) -> Path:
@@ -36,16 +38,12 @@ def load_config() -> HookConfig:
     raw_path = os.environ.get(ENV_LOG, "")
     raw_layer = os.environ.get(ENV_LAYER, "0").strip() or "0"
     try:
-        layer = int(raw_layer)
-    except ValueError:
-        raise HookRefusal(
-            f"{ENV_LAYER}={raw_layer!r} is not a layer index (an integer >= 0)"
-        ) from None
-    if layer < 0:
-        raise HookRefusal(f"{ENV_LAYER}={layer} must be >= 0")
+        layers = parse_layers(raw_layer)
+    except LayerSpecError as e:
+        raise HookRefusal(f"{ENV_LAYER}: {e}") from None
     config = HookConfig(
         path=Path(raw_path).expanduser().absolute(),
-        layer=layer,
+        layers=layers,
         overwrite=os.environ.get(ENV_OVERWRITE, "") not in ("", "0", "false"),
     )
     _check_path_once(config)

@@ -28,17 +28,27 @@ class RingFull(RuntimeError):
 
 
 class HostRing:
-    def __init__(self, capacity: int, top_k: int, pin: bool) -> None:
+    def __init__(self, capacity: int, num_layers: int, top_k: int, pin: bool) -> None:
         self.capacity = capacity
         # zeros, not empty: every page is touched now, instead of a page fault every few steps
-        self.rows = torch.zeros((capacity, 2 * top_k), dtype=torch.int32, pin_memory=pin)
-        """Rows as :class:`~moeprof.hook.capture.RouteCapture` lays them out."""
+        self.rows = torch.zeros(
+            (capacity, num_layers * 2 * top_k), dtype=torch.int32, pin_memory=pin
+        )
+        """One row per token: the logged layers side by side, each as
+        :class:`~moeprof.hook.capture.RouteCapture` lays it out (k ids, k float32 weights)."""
         self.rows_np: np.ndarray = self.rows.numpy()
-        self.ids_np = self.rows_np[:, :top_k]
-        self.weights_np = self.rows_np[:, top_k:].view(np.float32)
+        by_layer = self.rows_np.reshape(capacity, num_layers, 2 * top_k)
+        self.ids_np = by_layer[:, :, :top_k]
+        """``(capacity, num_layers, top_k)`` expert ids."""
+        self.weights_np = by_layer[:, :, top_k:].view(np.float32)
+        """``(capacity, num_layers, top_k)`` router weights."""
         self.head = 0
         self.tail = 0
         self._freed = threading.Condition()
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows_np.nbytes
 
     @property
     def backlog(self) -> int:

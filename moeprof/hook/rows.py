@@ -32,6 +32,8 @@ class StepRows(NamedTuple):
     token_idx: np.ndarray
     prefill: np.ndarray
     """True for prompt tokens, False for generated ones (and for unknown prompt lengths)."""
+    step: np.ndarray
+    """The number of the engine step each row was routed in."""
     seg_req: list[str]
     """Request id of each run of rows that belong to one request in one step ..."""
     seg_len: np.ndarray
@@ -62,9 +64,10 @@ class RowMapper:
         seg_len: list[int] = []
         seg_plen: list[int] = []
         seg_req: list[str] = []
+        seg_step: list[int] = []
         skipped = 0
         upto_of, prompt_len = self.logged_upto, self.prompt_len
-        for batch, base, new_prompt_lens, finished in steps:
+        for batch, base, new_prompt_lens, finished, step in steps:
             for rid in finished:
                 upto_of.pop(rid, None)
                 prompt_len.pop(rid, None)
@@ -92,6 +95,7 @@ class RowMapper:
                 seg_len.append(count - skip)
                 seg_plen.append(prompt_len.get(rid, -1))
                 seg_req.append(rid)
+                seg_step.append(step)
                 upto_of[rid] = first + count
         lens = np.array(seg_len, dtype=np.int64)
         within = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(
@@ -102,6 +106,7 @@ class RowMapper:
             rows=np.repeat(np.array(seg_row, dtype=np.int64), lens) + within,
             token_idx=token_idx,
             prefill=token_idx < np.repeat(np.array(seg_plen, dtype=np.int64), lens),
+            step=np.repeat(np.array(seg_step, dtype=np.int64), lens),
             seg_req=seg_req,
             seg_len=lens,
             skipped=skipped,
@@ -114,6 +119,7 @@ def _bad_layout(qsl: list[int], num_tokens: int) -> ValueError:
     )
 
 
-StepInput = tuple[StepBatch, int, Mapping[str, int], Collection[str]]
+StepInput = tuple[StepBatch, int, Mapping[str, int], Collection[str], int]
 """One step for :meth:`RowMapper.map`: its batch, where its rows start in the host buffer,
-the prompt lengths of the requests it starts, and the requests that finished before it."""
+the prompt lengths of the requests it starts, the requests that finished before it, and its
+step number."""

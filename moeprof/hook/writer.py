@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,12 +28,14 @@ from moeprof.hook.ring import HostRing
 from moeprof.hook.rows import RowMapper, StepBatch
 from moeprof.layout import format_routes, route_template
 
-logger = logging.getLogger("moeprof.hook")
+logger = logging.getLogger("vllm.moeprof")
+"""Under vLLM's logger, so the hook's lines reach the engine's output with vLLM's own."""
 
 IDLE_FLUSH_SEC = 0.05
 FORMAT_CHUNK = 256
 """Rows formatted between two hand-backs of the GIL (~0.4 ms of work)."""
-FLUSH_ROWS = 1 << 16
+FLUSH_ROUTES = 1 << 16
+"""Routes rendered and written per piece when a flush has more."""
 
 
 def _leave_compute_cores() -> None:
@@ -63,6 +65,8 @@ class StepItem(NamedTuple):
     """A CUDA event recorded after the device-to-host copy, or None when already on the host."""
     new_prompt_lens: dict[str, int]
     finished: Collection[str]
+    step: int
+    """The engine step's number (real steps since logging was armed), written as ``step``."""
 
 
 class LogWriter:
@@ -72,7 +76,7 @@ class LogWriter:
         self,
         path: Path,
         meta: dict[str, Any],
-        layer: int,
+        layers: Sequence[int],
         top_k: int,
         external_id: Callable[[str], str],
         overwrite: bool,
@@ -89,7 +93,13 @@ class LogWriter:
         except OSError as e:
             raise HookRefusal(f"cannot open {path} for writing: {e}") from None
         self.ring = ring
-        self._template = route_template(layer, top_k)
+        self._template = route_template(None, top_k)
+        self._layers = np.asarray(layers, dtype=np.int64)
+        """The logged layers in ring order: a token's row holds them side by side."""
+        self.device_bytes = 0
+        """The device buffer's size, for the closing stats line (set by the collector)."""
+        self.cpu_sec = 0.0
+        """CPU time the writer thread has used (formatting, mapping, writing)."""
         self._external_id = external_id
         self._req_json: dict[str, str] = {}
         self._mapper = RowMapper()
@@ -127,6 +137,19 @@ class LogWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        logger.info("moeprof: stats %s", json.dumps(self.stats(), separators=(", ", ": ")))
+
+    def stats(self) -> dict[str, Any]:
+        """What logging cost and produced, for the line the writer logs when it closes."""
+        return {
+            "routes": self.routes_written,
+            "layers": len(self._layers),
+            "writer_cpu_sec": round(self.cpu_sec, 6),
+            "ring_bytes": self.ring.nbytes,
+            "device_bytes": self.device_bytes,
+            "steps": self._submitted,
+            "recomputed_skipped": self.recomputed_skipped,
+        }
 
     def _run(self) -> None:
         """Every ``IDLE_FLUSH_SEC`` (or when woken) decide whether to render what is queued.
@@ -137,6 +160,13 @@ class LogWriter:
         handed back between chunks of ``FORMAT_CHUNK`` rows.
         """
         _leave_compute_cores()
+        cpu_start = time.thread_time()
+        try:
+            self._loop()
+        finally:
+            self.cpu_sec = time.thread_time() - cpu_start
+
+    def _loop(self) -> None:
         seen = 0
         while True:
             self._wake.wait(IDLE_FLUSH_SEC)
@@ -151,7 +181,7 @@ class LogWriter:
                 return
 
     def _flush(self) -> None:
-        """Render every queued step and write it, ``FLUSH_ROWS`` at a time; free the rows."""
+        """Render every queued step and write it, ``FLUSH_ROUTES`` at a time; free the rows."""
         items: list[StepItem] = []
         with contextlib.suppress(IndexError):
             while True:
@@ -166,13 +196,13 @@ class LogWriter:
             if last.ready is not None:
                 last.ready.synchronize()  # copies run in stream order: the last one ends last
             group: list[StepItem] = []
-            rows = 0
+            routes = 0
             for item in items:
                 group.append(item)
-                rows += item.batch.num_tokens
-                if rows >= FLUSH_ROWS:
+                routes += item.batch.num_tokens * len(self._layers)
+                if routes >= FLUSH_ROUTES:
                     self._write(self._render(group))
-                    group, rows = [], 0
+                    group, routes = [], 0
             if group:
                 self._write(self._render(group))
         except Exception as e:  # never let logging take the engine down
@@ -181,9 +211,11 @@ class LogWriter:
             self.ring.release(end)
 
     def _render(self, items: list[StepItem]) -> str:
+        """The route lines of ``items``: per token, one line per logged layer, in step order."""
         capacity = self.ring.capacity
         mapped = self._mapper.map(
-            (it.batch, it.start % capacity, it.new_prompt_lens, it.finished) for it in items
+            (it.batch, it.start % capacity, it.new_prompt_lens, it.finished, it.step)
+            for it in items
         )
         if mapped.skipped:
             if not self.recomputed_skipped:
@@ -192,20 +224,30 @@ class LogWriter:
                     "tokens recomputed after preemption are logged once, not again"
                 )
             self.recomputed_skipped += mapped.skipped
+        num_layers = len(self._layers)
+        routes = len(mapped.rows) * num_layers
         seg_json = np.array([self._json_id(r) for r in mapped.seg_req], dtype=object)
-        req_json = np.repeat(seg_json, mapped.seg_len)
-        ids, weights = self.ring.ids_np[mapped.rows], self.ring.weights_np[mapped.rows]
+        req_json = np.repeat(seg_json, mapped.seg_len * num_layers)
+        token_idx = np.repeat(mapped.token_idx, num_layers)
+        prefill = np.repeat(mapped.prefill, num_layers)
+        step = np.repeat(mapped.step, num_layers)
+        layer = np.tile(self._layers, len(mapped.rows))
+        k = self.ring.ids_np.shape[2]
+        ids = self.ring.ids_np[mapped.rows].reshape(routes, k)
+        weights = self.ring.weights_np[mapped.rows].reshape(routes, k)
         parts = []
-        for a in range(0, len(mapped.rows), FORMAT_CHUNK):
+        for a in range(0, routes, FORMAT_CHUNK):
             b = a + FORMAT_CHUNK
             parts.append(
                 format_routes(
                     self._template,
                     req_json[a:b],
-                    mapped.token_idx[a:b],
+                    token_idx[a:b],
                     ids[a:b],
                     weights[a:b],
-                    mapped.prefill[a:b],
+                    prefill[a:b],
+                    layer=layer[a:b],
+                    step=step[a:b],
                 )
             )
             time.sleep(0)  # hand the GIL to the model's thread if it is waiting for it
@@ -213,7 +255,7 @@ class LogWriter:
         for it in items:
             for rid in it.finished:
                 self._req_json.pop(rid, None)
-        self.routes_written += len(mapped.rows)
+        self.routes_written += routes
         return text
 
     def _json_id(self, rid: str) -> str:

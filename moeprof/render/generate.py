@@ -95,6 +95,15 @@ def print_generate_summary(
             f"(one pass each; use --repeat or bench/overhead.py for a measured ratio); "
             f"generated tokens {same}"
         )
+    if report.get("prefix_caching"):
+        run = report.get("log") or report["no_log"]
+        cached = ", ".join(f"{n:,}" for n in run.get("cached_prompt_tokens", []))
+        console.print(
+            f"prefix caching on: prompt tokens served from the cache per pass: {cached} "
+            f"(of {run['prompt_tokens']:,}; not routed, not logged)"
+        )
     if "log" in report:
-        console.print(f"log: [bold]{paths['log']}[/] ({report['log']['routes']:,} routes)")
+        log = report["log"]
+        layers = f", layers {log['layers']}" if "layers" in log else ""
+        console.print(f"log: [bold]{paths['log']}[/] ({log['routes']:,} routes{layers})")
     console.print(f"timing: {paths['timing']}  outputs: {paths['outputs']}")

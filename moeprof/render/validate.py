@@ -58,4 +58,13 @@ def _counts_table(report: ValidationReport) -> Table:
             f"{o.matched}/{o.requests} requests found, {o.missing_from_log} missing, "
             f"{o.extra_in_log} extra, {o.mismatched} (request, layer) counts off",
         )
+        table.add_row("expected routes", f"{o.expected_routes:,}")
+        if o.cached_tokens or o.cached_inferred:
+            inferred = (
+                f" ({o.cached_inferred:,} requests: inferred from the log, "
+                "not recorded in the outputs)"
+                if o.cached_inferred
+                else ""
+            )
+            table.add_row("prefix-cached prompt tokens", f"{o.cached_tokens:,}{inferred}")
     return table

@@ -1,0 +1,136 @@
+"""bench/overhead.py's pure functions: the round order, the bootstrap interval of the median
+ratio and its verdict, and reading the hook's stats line out of an engine's output."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_PATH = Path(__file__).resolve().parent.parent / "bench" / "overhead.py"
+_spec = importlib.util.spec_from_file_location("bench_overhead", _PATH)
+assert _spec is not None and _spec.loader is not None
+overhead = importlib.util.module_from_spec(_spec)
+sys.modules["bench_overhead"] = overhead
+_spec.loader.exec_module(overhead)
+
+
+def test_rounds_form_a_cyclic_latin_square() -> None:
+    arms = ["baseline", "logged[1]", "logged[all]"]
+    orders = [overhead.round_order(arms, i) for i in range(6)]
+    assert orders[0] == arms
+    assert orders[1] == ["logged[1]", "logged[all]", "baseline"]
+    assert orders[2] == ["logged[all]", "baseline", "logged[1]"]
+    assert orders[3] == orders[0]
+    for position in range(3):  # every arm in every position once per 3 rounds
+        assert sorted(o[position] for o in orders[:3]) == sorted(arms)
+    assert overhead.round_order(["baseline", "logged[0]"], 1) == ["logged[0]", "baseline"]
+
+
+def test_equal_ratios_give_a_point_interval() -> None:
+    assert overhead.bootstrap_median_ci([1.02] * 7) == (pytest.approx(1.02), pytest.approx(1.02))
+    assert overhead.bootstrap_median_ci([0.99]) == (pytest.approx(0.99), pytest.approx(0.99))
+
+
+def test_interval_contains_the_median_and_narrows_with_more_rounds() -> None:
+    rng = np.random.default_rng(7)
+    draws = list(1.01 + 0.03 * rng.standard_normal(200))
+    widths = []
+    for n in (6, 24, 200):
+        ratios = draws[:n]
+        lo, hi = overhead.bootstrap_median_ci(ratios)
+        assert lo <= statistics.median(ratios) <= hi
+        assert min(ratios) <= lo and hi <= max(ratios)
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_interval_is_deterministic_and_follows_the_level() -> None:
+    ratios = [0.98, 1.01, 1.02, 1.04, 0.99, 1.07, 1.00, 1.03]
+    assert overhead.bootstrap_median_ci(ratios) == overhead.bootstrap_median_ci(ratios)
+    lo95, hi95 = overhead.bootstrap_median_ci(ratios)
+    lo50, hi50 = overhead.bootstrap_median_ci(ratios, level=0.5)
+    assert lo95 <= lo50 <= hi50 <= hi95
+    with pytest.raises(ValueError):
+        overhead.bootstrap_median_ci([])
+    with pytest.raises(ValueError):
+        overhead.bootstrap_median_ci(ratios, level=1.0)
+
+
+def test_target_is_met_only_when_the_upper_end_is_within_it() -> None:
+    assert overhead.ratio_stats([1.01] * 5, 1.03)["target_met"] is True
+    assert overhead.ratio_stats([1.03] * 5, 1.03)["target_met"] is True
+    # median 1.01 but a wide interval: not met
+    wide = overhead.ratio_stats([0.95, 1.0, 1.01, 1.06, 1.10], 1.03)
+    assert wide["median"] == pytest.approx(1.01)
+    assert wide["ci_high"] > 1.03 and wide["target_met"] is False
+    assert (wide["min"], wide["max"], wide["rounds"]) == (0.95, 1.10, 5)
+
+
+def test_too_few_rounds_never_meet_the_target() -> None:
+    assert overhead.ratio_stats([1.0] * 4, 1.03)["target_met"] is False
+
+
+STATS = (
+    '{"routes": 4000, "layers": 4, "writer_cpu_sec": 0.012, "ring_bytes": 4194304, '
+    '"device_bytes": 524288, "steps": 120}'
+)
+
+
+def test_stats_line_is_read_with_and_without_a_vllm_prefix() -> None:
+    text = "\n".join(
+        [
+            "INFO 11-30 06:00:00 [llm.py:1] something else",
+            f"moeprof: stats {STATS}",
+            "(EngineCore pid=123) INFO 11-30 06:00:00 [collector.py:90] moeprof: stats " + STATS,
+            "(EngineCore pid=123) INFO moeprof: stats {not json",
+            "moeprof: logging MoE layer 1 of tiny to /tmp/x.jsonl",
+        ]
+    )
+    found = overhead.parse_hook_stats(text)
+    assert len(found) == 2
+    assert found[0] == found[1]
+    assert found[0]["routes"] == 4000 and found[0]["ring_bytes"] == 4194304
+
+
+def test_engine_stats_derive_us_per_route_and_mib() -> None:
+    one = overhead.engine_stats(overhead.parse_hook_stats(f"x moeprof: stats {STATS}\n"))
+    assert one is not None
+    assert one["writer_us_per_route"] == pytest.approx(3.0)
+    assert one["ring_mib"] == pytest.approx(4.0)
+    assert one["device_mib"] == pytest.approx(0.5)
+    assert (one["layers"], one["steps"], one["workers"]) == (4, 120, 1)
+    two = overhead.engine_stats(overhead.parse_hook_stats(f"moeprof: stats {STATS}\n" * 2))
+    assert two is not None
+    assert two["routes"] == 8000 and two["ring_mib"] == pytest.approx(8.0)
+    assert two["writer_us_per_route"] == pytest.approx(3.0)
+
+
+def test_missing_stats_are_not_available_not_an_error() -> None:
+    assert overhead.parse_hook_stats("INFO nothing from the hook here\n") == []
+    assert overhead.engine_stats([]) is None
+    partial = overhead.engine_stats([{"routes": 10}])
+    assert partial is not None and partial["writer_us_per_route"] is None
+    arm = overhead.arm_hook_stats([None, None])
+    assert arm["writer_us_per_route"] is None and arm["engines_with_stats"] == 0
+    assert overhead.fmt(None, ".2f") == "n/a"
+    mixed = overhead.arm_hook_stats([None, overhead.engine_stats([{"routes": 10}])])
+    assert mixed["engines_with_stats"] == 1 and mixed["routes"] == 10
+
+
+def test_layer_selections_become_named_arms() -> None:
+    arms = overhead.logged_arms(["1", "all", "0-3"])
+    assert [a.name for a in arms] == ["logged[1]", "logged[all]", "logged[0-3]"]
+    assert overhead.naive_layer(arms) == 1
+    assert overhead.naive_layer(overhead.logged_arms(["all"])) is None
+    with pytest.raises(ValueError):
+        overhead.logged_arms(["1", " 1 "])
+    args = overhead.parse_args(["--layer", "2"])
+    assert [a.name for a in args.arms] == ["logged[2]"]
+    assert [a.name for a in overhead.parse_args([]).arms] == ["logged[0]"]
+    args = overhead.parse_args(["--layers", "1", "--layers", "all", "--pairs", "6"])
+    assert [a.name for a in args.arms] == ["logged[1]", "logged[all]"] and args.pairs == 6
