@@ -61,6 +61,9 @@ class PlotKind(str, Enum):
     hist = "hist"
     coselect = "coselect"
     heatmap = "heatmap"
+    transitions = "transitions"
+    reuse = "reuse"
+    ep = "ep"
 
 
 @app.command()
@@ -426,8 +429,11 @@ def plot(
     kind: Annotated[
         PlotKind,
         typer.Option(
-            help="hist (selections per expert), coselect (expert x expert) or "
-            "heatmap (layer x expert)."
+            help="hist (selections per expert), coselect (expert x expert), "
+            "heatmap (layer x expert), transitions (expert at layer l x expert at the next "
+            "logged layer: lift; --layer l picks l), reuse (LRU expert-cache hit rate "
+            "against cache size, a line per layer) or ep (balancedness per engine step under "
+            "expert parallelism, contiguous and EPLB placement, a panel per rank count)."
         ),
     ] = PlotKind.hist,
     sort: Annotated[bool, typer.Option(help="Order experts by load.")] = False,
@@ -450,12 +456,44 @@ def plot(
             num_experts=num_experts,
             exclude_suspect=exclude_suspect,
             layers=chosen_layers(layer),
+            analyses=[lib.ANALYSIS_OF_KIND[kind.value]]
+            if kind.value in lib.ANALYSIS_OF_KIND
+            else [],
         )
         written = lib.plot(result, out, kind=kind.value, sort=sort, force=force)
     except UserError as e:
         fail(_escape(str(e)), 2)
     _print_warnings([w for log in result.logs for w in log.warnings])
     console.print(f"wrote [bold]{written}[/]", highlight=False)
+
+
+@app.command("compare")
+def compare_logs(
+    a: Annotated[Path, typer.Argument(help="The reference log.", show_default=False)],
+    b: Annotated[Path, typer.Argument(help="The log to check against it.", show_default=False)],
+    as_json: AsJson("Print the comparison as JSON.") = False,
+    show: Annotated[
+        int, typer.Option(min=0, help="How many diverging requests to list with their first token.")
+    ] = 10,
+) -> None:
+    """Do two logs of the same prompts route the same? (new kernel, dtype, GPU)
+
+    Joins routes on (req_id, token_idx, layer): identical top-k sets, top-1,
+    weights where the sets agree, routes in one log only, each request's first
+    diverging token; per layer too. Exit 0 (2 when a log cannot be read).
+    """
+    from moeprof.analysis import compare as lib
+    from moeprof.render.compare import print_comparison
+
+    try:
+        report = lib.compare_logs(a, b, show=show)
+    except UserError as e:
+        fail(_escape(str(e)), 2)
+    _print_warnings(report.warnings)
+    if as_json:
+        typer.echo(lib.report_json(report))
+    else:
+        print_comparison(report, console)
 
 
 def main() -> None:

@@ -91,13 +91,15 @@ def test_dummy_batch_contamination_is_detected_and_can_be_excluded(tmp_path: Pat
     clean, dirty = _contaminated(tmp_path)
     a = analyze_log(dirty)
     c = a.contamination
-    assert c.identical_runs == 1 and c.identical_run_records == 1500
+    assert c.dummy_runs == 1 and c.dummy_records == 1500
     assert c.longest_run is not None and (c.longest_run.first_line, c.longest_run.last_line) == (
         2,
         1501,
     )
-    assert c.duplicate_records == 79  # request 0 has 79 real tokens, at positions 0..78
-    assert c.suspect_records == 1579
+    # request 0 has 79 real tokens, at positions 0..78: keys the dummy batch used first, kept
+    assert c.repeated_keys.after_dummy == 79 and c.repeated_keys.total == 79
+    assert c.double_logged_records == 0 and c.key_scheme == "distinct"
+    assert c.suspect_records == 1500 and c.kept_records == a.records - 1500
     assert any("--exclude-suspect" in w for w in a.warnings)
     top = a.layers[0].stats.top
     assert {t.expert for t in top} >= {1, 2}  # the dummy experts dominate the naive numbers
@@ -134,7 +136,8 @@ def test_markdown_note_is_short_and_names_top_experts_distribution_and_entropy(
 def test_markdown_note_warns_about_contamination(tmp_path: Path) -> None:
     clean, dirty = _contaminated(tmp_path)
     note = markdown_note(analyze_logs([dirty, clean]))  # caution and comparison lines both
-    assert "- Caution: 1,579 of" in note and "JSD" in note and len(note.splitlines()) == 8
+    assert "- Caution: 1,500 of 2,132 records (70.4%) look suspect. Dummy batches: 1,500" in note
+    assert "JSD" in note and len(note.splitlines()) == 8
 
 
 def test_cli_writes_the_note_and_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
@@ -164,7 +167,7 @@ def test_cli_json_is_valid_json_with_nulls_for_undefined_numbers(tmp_path: Path)
 def test_cli_table_and_exclude_suspect_flag(tmp_path: Path) -> None:
     _, dirty = _contaminated(tmp_path)
     code, out = run_cli("analyze", str(dirty))
-    assert code == 0 and "suspect:" in out and "entropy" in out
+    assert code == 0 and "contamination: 1,500 of 2,132 records" in out and "entropy" in out
     code, out = run_cli("analyze", str(dirty), "--exclude-suspect")
     assert code == 0 and "1,500 suspect records excluded" in out
 

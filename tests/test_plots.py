@@ -107,7 +107,7 @@ def test_hist_of_a_contaminated_log_says_so_unless_suspects_are_excluded(tmp_pat
     dummy = [route("0", t, ids=[1, 2, 3, 4], weights=[0.4, 0.3, 0.2, 0.1]) for t in range(1500)]
     clean = skewed_routes(n_requests=8, prompt=50, generated=30, seed=5)
     dirty = write_log(tmp_path / "dirty.jsonl", dummy + clean)
-    warning = "warning: 74% of records look like dummy/warm-up batches"
+    warning = "warning: 70% of records look like dummy/warm-up batches"
     ax = plots.figure(analyze_logs([dirty])).axes[0]
     assert warning in [t.get_text() for t in ax.texts]
     ax = plots.figure(analyze_logs([dirty], exclude_suspect=True)).axes[0]

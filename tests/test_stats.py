@@ -14,7 +14,12 @@ from moeprof.analysis.accumulate import (
     LayerPhaseAccumulators,
     RoutingAccumulator,
 )
-from moeprof.analysis.contamination import ContaminationDetector, Run, SuspectFilter
+from moeprof.analysis.contamination import (
+    ContaminationDetector,
+    RepeatedKeys,
+    Run,
+    SuspectFilter,
+)
 from moeprof.analysis.positions import PositionSet
 from moeprof.analysis.summary import summarize
 
@@ -217,25 +222,30 @@ def test_contamination_finds_a_dummy_batch_run_split_across_chunks() -> None:
         s = slice(a, a + 700)
         det.add(group[s], pos[s], layer[s], ids[s], w[s], line[s])
     c = det.finish()
-    assert (c.identical_runs, c.identical_run_records) == (1, 2000)
+    assert (c.dummy_runs, c.dummy_records, c.run_lengths) == (1, 2000, {2000: 1})
     assert c.longest_run == Run(12, 2, 2001, 2000)
-    assert (c.duplicate_records, c.duplicate_keys) == (2000, 2000)  # real tokens reuse 0..1999
-    assert c.suspect_records == 4000 and c.suspect_share == pytest.approx(0.8)
-    drop = SuspectFilter(det).mask(group, pos, layer, line)
+    # the real tokens reuse the dummy batch's keys 0..1999 with their own routes: kept
+    assert c.repeated_keys == RepeatedKeys(same_route=0, after_dummy=2000, different_route=0)
+    assert c.double_logged_records == 0 and c.key_scheme == "distinct"
+    assert c.suspect_records == 2000 and c.suspect_share == pytest.approx(0.4)
+    assert c.kept_records == 3000
+    drop = SuspectFilter(det).mask(group, pos, layer, ids, w, line)
     assert drop[:2000].all() and not drop[2000:].any()  # real tokens reusing the keys stay
 
 
 def test_double_logged_tokens_keep_their_first_copy_when_excluded() -> None:
     rng = np.random.default_rng(4)
-    ids = np.argsort(rng.random((200, 60)), axis=1)[:, :4]
-    w = rng.random((200, 4)).astype(np.float32)
+    ids = np.argsort(rng.random((100, 60)), axis=1)[:, :4]
+    w = rng.random((100, 4)).astype(np.float32)
+    ids, w = np.concatenate([ids, ids]), np.concatenate([w, w])  # the block written twice
     pos = np.concatenate([np.arange(100), np.arange(100)])
     group, layer, line = np.zeros(200, np.int64), np.full(200, 12), np.arange(2, 202)
     det = ContaminationDetector()
     det.add(group, pos, layer, ids, w, line)
     c = det.finish()
-    assert (c.duplicate_records, c.duplicate_keys, c.identical_runs) == (100, 100, 0)
-    drop = SuspectFilter(det).mask(group, pos, layer, line)
+    assert (c.double_logged_records, c.dummy_runs, c.suspect_records) == (100, 0, 100)
+    assert c.repeated_keys == RepeatedKeys(same_route=100)
+    drop = SuspectFilter(det).mask(group, pos, layer, ids, w, line)
     assert drop.tolist() == [False] * 100 + [True] * 100
 
 
@@ -245,4 +255,5 @@ def test_short_runs_of_identical_routes_are_not_flagged() -> None:
     det = ContaminationDetector(min_run=64)
     det.add(group, pos, layer, ids, w, line)
     c = det.finish()
-    assert not c.suspicious and c.identical_runs == 0 and c.longest_run is None
+    assert not c.suspicious and c.dummy_runs == 0 and c.longest_run is None
+    assert c.describe() == ""

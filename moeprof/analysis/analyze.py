@@ -232,6 +232,8 @@ def analyze_log(
         )
     if tally.contamination.suspicious and not exclude_suspect:
         warnings.append(tally.contamination.describe() + " Rerun with --exclude-suspect.")
+    elif tally.contamination.degenerate:
+        warnings.append(tally.contamination.describe())
     layer_results = _layer_analyses(log.meta.layers_logged, shown, sums, experts, top, warnings)
     return LogAnalysis(
         path=str(log.path),
@@ -318,7 +320,7 @@ def _read_routes(
         if issue.severity == "error":
             strict(issue)
 
-    detector = ContaminationDetector(min_run)
+    detector = ContaminationDetector(min_run, layers=len(log.layers))
     records = _scan(log, strict, detector, None if exclude_suspect else sums, passes)
     contamination = detector.finish()
     if not exclude_suspect:
@@ -361,7 +363,9 @@ def _rescan_without_suspects(
     """Fold the routes ``suspects`` keeps into ``sums``: (routes folded, routes left out)."""
     records = excluded = 0
     for chunk in log.chunks(on_issue):
-        drop = suspects.mask(log.groups(chunk), chunk.token_idx, chunk.layer, chunk.line)
+        drop = suspects.mask(
+            log.groups(chunk), chunk.token_idx, chunk.layer, chunk.ids, chunk.weights, chunk.line
+        )
         excluded += int(drop.sum())
         kept = chunk.take(~drop)
         sums.add(log.layer_slot(kept.layer), kept.phase, kept.ids, kept.weights)

@@ -1,18 +1,101 @@
-"""Signs that a log holds more than real tokens: warm-up/dummy batches and double logging.
+"""Signs that a log holds more than real tokens, kept apart by what causes them.
 
 Why contamination is checked on every ``analyze`` run: a log polluted by warm-up/dummy batches
 produces confident, wrong numbers ("top-3 experts carry 51% of the load"). The detector costs
-little, so every analysis says how many records look suspect, and ``--exclude-suspect`` re-reads
-the log without them (:class:`SuspectFilter`).
+little, so every analysis says what looks suspect, and ``--exclude-suspect`` re-reads the log
+without it (:class:`SuspectFilter`).
+
+Each record falls in exactly one class (:class:`Contamination`):
+
+- **dummy batch**: it sits in a run of at least ``min_run`` consecutive records of one layer
+  with identical routes (all k ids in order and all k weights, bit for bit). vLLM's memory
+  profiling, sampler warm-up and CUDA-graph capture feed batches of identical dummy tokens, and
+  a hook that logs them writes thousands of identical routes in a row; real consecutive tokens
+  practically never share every id and every float weight. Such runs usually have one of
+  vLLM's dummy batch sizes (:func:`vllm_batch_size`: 8,192, 2,048, 512, 256, ...).
+- **double-logged**: outside dummy runs, its (req_id, token_idx, layer) key was logged before
+  with the *same* route: the same token written twice (a hook installed twice, two ranks
+  writing, a block written again). Only when the log's keys identify tokens (below).
+- **kept**: everything else, including records that repeat a key with a *different* route.
+  Those are not double logging; they are counted, by what the key's previous record was:
+  a dummy-batch record (real tokens reusing keys a dummy batch used first: a naive hook gives
+  dummy batches the ids of real requests) or a real record (a key collision).
+
+**Degenerate key scheme**: some writers give every record one req_id and a ``token_idx``
+counter that restarts with each batch, so keys repeat all the time with different routes.
+When key collisions (different route, previous record not a dummy) reach
+:data:`DEGENERATE_SHARE` of the records outside dummy runs (and at least
+:data:`DEGENERATE_MIN`), the key scheme is reported as degenerate: repeated keys then mean
+nothing, and nothing is called double logging (a real token repeating a key with the same
+route, e.g. a shared prompt prefix at the same position, is not told apart from a second
+copy). Only dummy runs are then excluded.
+
+"Same route" compares a 32-bit fingerprint of the route (:func:`route_fingerprints`): two
+different routes are taken for the same with probability 2**-32 per comparison.
+
+Memory: the route fingerprint last logged under each key, 4 bytes per (request, layer,
+position), in per-(request, layer) regions that grow by doubling, in a buffer compacted when it
+grows (:class:`LastRoutes`): 5 bytes per route on a 1M-route hook-like log, at most ~16 (about
+50 MB per 10M routes, 160 MB at worst). Besides: 8 bytes per (request, layer) for
+``token_idx`` restarts and one small record per run found. The fingerprints are freed when the
+verdict is out; the second pass of ``--exclude-suspect`` builds them again only when the first
+found double logging.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from moeprof.analysis.positions import PositionSet
+from moeprof.analysis.positions import _concat_ranges
+
+DEGENERATE_SHARE = 0.05
+"""Key collisions (a key repeated with a different route, its previous record not a dummy)
+in at least this share of the records outside dummy runs make the key scheme degenerate."""
+DEGENERATE_MIN = 64
+"""... and at least this many of them (a handful of collisions in a small log is not a
+scheme)."""
+
+VLLM_CAPTURE_SIZES = frozenset([1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)])
+"""vLLM's default CUDA-graph capture sizes (``[1, 2, 4] + range(8, 256, 8) + range(256, 513,
+16)``, vllm/config/vllm.py): each is captured with a dummy batch of that many tokens."""
+
+KeyScheme = Literal["distinct", "degenerate"]
+
+
+def vllm_batch_size(n: int) -> bool:
+    """Whether ``n`` tokens is a batch size vLLM runs dummy batches at: a default CUDA-graph
+    capture size (:data:`VLLM_CAPTURE_SIZES`), or a power of two from 64 up, the sizes of
+    ``max_num_batched_tokens`` (memory profiling: 2,048, 8,192, 16,384 by default, by usage)
+    and of ``max_num_seqs`` (sampler warm-up: 256, 1,024)."""
+    if n < 1:
+        raise ValueError(f"`n` must be a positive batch size, got {n}")
+    return n in VLLM_CAPTURE_SIZES or (n >= 64 and n & (n - 1) == 0)
+
+
+def degenerate_keys(
+    collisions: int,
+    real_records: int,
+    *,
+    share: float = DEGENERATE_SHARE,
+    minimum: int = DEGENERATE_MIN,
+) -> bool:
+    """Whether (req_id, token_idx, layer) keys fail to identify tokens: ``collisions``, the
+    records outside dummy runs whose key's previous record is a real one with a different
+    route, are at least ``minimum`` and at least ``share`` of ``real_records`` (the records
+    outside dummy runs)."""
+    if collisions < 0 or real_records < 0:
+        raise ValueError("`collisions` and `real_records` must be >= 0")
+    if collisions > real_records:
+        raise ValueError(f"`collisions` ({collisions}) exceeds `real_records` ({real_records})")
+    if not 0 < share <= 1:
+        raise ValueError(f"`share` must be in (0, 1], got {share}")
+    return collisions >= minimum and collisions >= share * real_records
+
+
+# --------------------------------------------------------------------------- the verdict
 
 
 @dataclass(frozen=True)
@@ -25,21 +108,52 @@ class Run:
     length: int
 
 
+@dataclass(frozen=True)
+class RepeatedKeys:
+    """Records outside dummy runs whose (req_id, token_idx, layer) key an earlier record had,
+    by how their route compares with the key's previous record."""
+
+    same_route: int = 0
+    """The same route: double logging (unless the key scheme is degenerate)."""
+    after_dummy: int = 0
+    """A different route, the previous record a dummy-batch one: a real token reusing a key
+    that a dummy batch used first."""
+    different_route: int = 0
+    """A different route, the previous record a real one: a key collision."""
+
+    @property
+    def total(self) -> int:
+        return self.same_route + self.after_dummy + self.different_route
+
+
 @dataclass
 class Contamination:
-    """What looks like warm-up/dummy batches or double logging rather than real tokens."""
+    """Each record in one class: dummy batch, double-logged, or kept (see the module doc).
+    ``dummy_records + double_logged_records + kept_records == records``."""
 
     records: int = 0
-    duplicate_records: int = 0
-    """Records whose (req_id, token_idx, layer) key appeared earlier: every copy after the first."""
-    duplicate_keys: int = 0
-    """Distinct keys that appear more than once."""
-    identical_runs: int = 0
-    """Runs of >= ``min_run`` consecutive records of one layer with identical ids and weights."""
-    identical_run_records: int = 0
-    suspect_records: int = 0
-    """Records that are a repeated key or sit in such a run (counted once)."""
+    dummy_records: int = 0
+    """Records in runs of >= ``min_run`` consecutive identical routes of one layer."""
+    dummy_runs: int = 0
+    run_lengths: dict[int, int] = field(default_factory=dict)
+    """Length -> number of dummy runs that long (runs are per layer)."""
+    vllm_sized_runs: int = 0
+    """Dummy runs whose length is one of vLLM's dummy batch sizes (:func:`vllm_batch_size`)."""
     longest_run: Run | None = None
+    double_logged_records: int = 0
+    """Outside dummy runs, records whose key's previous record has the same route; 0 when the
+    key scheme is degenerate."""
+    kept_records: int = 0
+    repeated_keys: RepeatedKeys = field(default_factory=RepeatedKeys)
+    """The kept and double-logged records that repeat a key, by kind."""
+    key_scheme: KeyScheme = "distinct"
+    """'degenerate' when keys repeat with different routes too often to identify tokens."""
+    req_ids: int = 0
+    """Distinct req_ids in the log."""
+    token_idx_restarts: int = 0
+    """Records whose token_idx is not above the previous one of the same (req_id, layer)."""
+    suspect_records: int = 0
+    """``dummy_records + double_logged_records``: what ``--exclude-suspect`` leaves out."""
     min_run: int = 64
 
     @property
@@ -50,51 +164,298 @@ class Contamination:
     def suspicious(self) -> bool:
         return self.suspect_records > 0
 
+    @property
+    def degenerate(self) -> bool:
+        return self.key_scheme == "degenerate"
+
     def describe(self) -> str:
-        """One sentence: how many records look suspect, and why."""
-        parts = []
-        if self.duplicate_records:
-            parts.append(f"{self.duplicate_records:,} repeat an earlier (req_id, token_idx, layer)")
-        if self.identical_runs:
-            longest = self.longest_run
-            where = (
-                f", longest {longest.length:,} at lines {longest.first_line}-{longest.last_line}"
-                if longest
-                else ""
+        """What looks suspect, one sentence per class (dummy batches, double logging), then
+        what the keys say (degenerate, or reused with other routes); '' for a clean log."""
+        out = []
+        if self.suspicious:
+            out.append(
+                f"{self.suspect_records:,} of {self.records:,} records "
+                f"({self.suspect_share:.1%}) look suspect."
             )
-            parts.append(
-                f"{self.identical_run_records:,} sit in {self.identical_runs} run(s) of >= "
-                f"{self.min_run} identical routes{where}"
+        if self.dummy_records:
+            out.append(
+                f"Dummy batches: {self.dummy_records:,} records in "
+                f"{_plural(self.dummy_runs, 'run')} of >= {self.min_run} identical routes "
+                f"({self._lengths()})."
             )
-        return (
-            f"{self.suspect_records:,} of {self.records:,} records ({self.suspect_share:.1%}) "
-            f"look like warm-up/dummy batches or double logging: {'; '.join(parts)}."
+        rk = self.repeated_keys
+        if self.degenerate:
+            out.append(
+                "Double logging: not detectable, keys do not identify tokens in this log "
+                f"({_plural(self.req_ids, 'req_id')} for {self.records:,} records, token_idx "
+                f"restarts {self.token_idx_restarts:,} times, {rk.different_route:,} records "
+                "repeat a real record's key with a different route), so repeated keys are not "
+                "taken as double logging."
+            )
+        elif self.double_logged_records:
+            out.append(
+                f"Double logging: {self.double_logged_records:,} records repeat an earlier "
+                "record's req_id, token_idx, layer and route."
+            )
+        if not self.degenerate and (rk.after_dummy or rk.different_route):
+            parts = []
+            if rk.after_dummy:
+                parts.append(f"{rk.after_dummy:,} reuse a key a dummy batch used first")
+            if rk.different_route:
+                parts.append(f"{rk.different_route:,} repeat an earlier key with a different route")
+            out.append(f"Kept, not double logging: {' and '.join(parts)}.")
+        return " ".join(out)
+
+    def _lengths(self) -> str:
+        """'8,192 and 256 long, vLLM's dummy batch sizes' (or counts and a range)."""
+        lengths = sorted(self.run_lengths, reverse=True)
+        if len(lengths) <= 3:
+            shown = [
+                f"{n:,}" + (f" (x{self.run_lengths[n]})" if self.run_lengths[n] > 1 else "")
+                for n in lengths
+            ]
+            text = (", ".join(shown[:-1]) + " and " if len(shown) > 1 else "") + shown[-1]
+            text += " long"
+        else:
+            text = f"{lengths[-1]:,} to {lengths[0]:,} long"
+        if self.vllm_sized_runs == self.dummy_runs:
+            sizes = "vLLM's profiling/CUDA-graph batch size" + ("s" if len(lengths) > 1 else "")
+            text += f", {sizes}"
+        elif self.vllm_sized_runs:
+            text += f", {self.vllm_sized_runs} of them at vLLM's dummy batch sizes"
+        longest = self.longest_run
+        if longest is not None:
+            text += f"; longest at lines {longest.first_line:,}-{longest.last_line:,}"
+        return text
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def route_fingerprints(ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """A 32-bit fingerprint of each route (row): of its ids in order and its weights' float32
+    bits (so ``0.0`` and ``-0.0`` differ, as bit-for-bit run detection has them). Equal routes
+    get equal fingerprints; different ones collide with probability about 2**-32. Never 0 (0
+    means "no route" in :class:`LastRoutes`). ``ids`` (n, k) integers, ``weights`` (n, k)."""
+    if ids.ndim != 2 or weights.shape != ids.shape:
+        raise ValueError(
+            f"`ids` and `weights` must be (n, k) arrays of one shape, got {ids.shape} and "
+            f"{weights.shape}"
         )
+    n, k = ids.shape
+    idw = np.ascontiguousarray(ids, np.int64).view(np.uint64)
+    wbits = np.ascontiguousarray(weights, np.float32).view(np.uint32).astype(np.uint64)
+    h = np.full(n, np.uint64(k), np.uint64)
+    for j in range(k):
+        h = (h ^ idw[:, j]) * _M1
+        h = (h ^ wbits[:, j]) * _M1
+    h ^= h >> np.uint64(30)
+    h *= _M2
+    h ^= h >> np.uint64(27)
+    h *= _M3
+    h ^= h >> np.uint64(31)
+    fp = (h >> np.uint64(32)).astype(np.uint32)
+    fp[fp == 0] = 1
+    return fp
+
+
+class LastRoutes:
+    """The fingerprint of the route last logged under each (group, position) key.
+
+    A group is one (request, layer) pair. Each group has a region of a uint32 buffer indexed by
+    position; regions grow by doubling (at least 64 positions), and the buffer is compacted
+    when it grows, so it holds at most about twice the regions' capacity: 4-16 bytes per
+    distinct key. Positions beyond ``FAR`` (no real sequence is that long) go to a dict.
+    """
+
+    FAR = 1 << 24
+    MIN_REGION = 64
+
+    def __init__(self) -> None:
+        self._buf = np.zeros(1 << 16, np.uint32)
+        self._used = 0
+        self._base = np.zeros(0, np.int64)
+        self._cap = np.zeros(0, np.int64)
+        self._far: dict[tuple[int, int], int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._buf.nbytes + self._base.nbytes + self._cap.nbytes)
+
+    def exchange(self, group: np.ndarray, pos: np.ndarray, fp: np.ndarray) -> np.ndarray:
+        """Log routes ``fp`` (rows in file order) under keys (``group``, ``pos``); returns, for
+        each row, the fingerprint its key held before it (an earlier chunk's or an earlier row
+        of this one), 0 for a key's first record."""
+        n = group.size
+        prev = np.zeros(n, np.uint32)
+        if n == 0:
+            return prev
+        group = group.astype(np.int64, copy=False)
+        pos = pos.astype(np.int64, copy=False)
+        near = pos < self.FAR
+        if not near.all():
+            for i in np.flatnonzero(~near).tolist():
+                key = (int(group[i]), int(pos[i]))
+                prev[i] = self._far.get(key, 0)
+                self._far[key] = int(fp[i])
+            rows = np.flatnonzero(near)
+            if rows.size:
+                prev[rows] = self._exchange_near(group[rows], pos[rows], fp[rows])
+            return prev
+        return self._exchange_near(group, pos, fp)
+
+    def _exchange_near(self, group: np.ndarray, pos: np.ndarray, fp: np.ndarray) -> np.ndarray:
+        self._ensure(group, pos)
+        slot = self._base[group] + pos
+        order = np.argsort(slot, kind="stable")
+        s = slot[order]
+        f = fp[order]
+        first = np.ones(s.size, bool)
+        first[1:] = s[1:] != s[:-1]
+        prev_sorted = np.empty(s.size, np.uint32)
+        prev_sorted[first] = self._buf[s[first]]
+        later = np.flatnonzero(~first)
+        prev_sorted[later] = f[later - 1]
+        last = np.ones(s.size, bool)
+        last[:-1] = first[1:]
+        self._buf[s[last]] = f[last]
+        prev = np.empty(s.size, np.uint32)
+        prev[order] = prev_sorted
+        return prev
+
+    def _ensure(self, group: np.ndarray, pos: np.ndarray) -> None:
+        """Room for every (group, pos): new groups, and regions grown to hold the positions."""
+        size = int(group.max()) + 1
+        old = self._cap.size
+        if size > old:
+            self._base = np.concatenate([self._base, np.zeros(size - old, np.int64)])
+            self._cap = np.concatenate([self._cap, np.zeros(size - old, np.int64)])
+        need = np.zeros(self._cap.size, np.int64)
+        np.maximum.at(need, group, pos + 1)
+        grow = np.flatnonzero(need > self._cap)
+        if grow.size:
+            self._grow(grow, need[grow])
+
+    def _grow(self, groups: np.ndarray, need: np.ndarray) -> None:
+        new_cap = np.maximum(np.maximum(need, 2 * self._cap[groups]), self.MIN_REGION)
+        total = int(new_cap.sum())
+        if self._used + total <= self._buf.size:  # new regions at the end, contents copied
+            new_base = self._used + np.cumsum(new_cap) - new_cap
+            old = self._cap[groups]
+            self._buf[_concat_ranges(new_base, old)] = self._buf[
+                _concat_ranges(self._base[groups], old)
+            ]
+            self._base[groups] = new_base
+            self._cap[groups] = new_cap
+            self._used += total
+            return
+        # compact: every region afresh, the grown ones at their new size, into a new buffer
+        cap = self._cap.copy()
+        cap[groups] = new_cap
+        live = int(cap.sum())
+        base = np.cumsum(cap) - cap
+        buf = np.zeros(max(2 * live, 1 << 16), np.uint32)
+        buf[_concat_ranges(base, self._cap)] = self._buf[_concat_ranges(self._base, self._cap)]
+        self._buf, self._base, self._cap, self._used = buf, base, cap, live
+
+
+class _Restarts:
+    """Counts records whose token_idx is not above the previous one of their group."""
+
+    def __init__(self) -> None:
+        self._last = np.zeros(0, np.int64)
+        self.count = 0
+
+    def add(self, group: np.ndarray, pos: np.ndarray) -> None:
+        if group.size == 0:
+            return
+        size = int(group.max()) + 1
+        if size > self._last.size:
+            self._last = np.concatenate([self._last, np.full(size - self._last.size, -1, np.int64)])
+        order = np.argsort(group, kind="stable")
+        g, p = group[order], pos[order]
+        first = np.ones(g.size, bool)
+        first[1:] = g[1:] != g[:-1]
+        prev = np.empty(g.size, np.int64)
+        prev[first] = self._last[g[first]]
+        later = np.flatnonzero(~first)
+        prev[later] = p[later - 1]
+        self.count += int(np.count_nonzero((prev >= 0) & (p <= prev)))
+        last = np.ones(g.size, bool)
+        last[:-1] = first[1:]
+        self._last[g[last]] = p[last]
+
+
+# --------------------------------------------------------------------------- detection
+
+_SAME, _AFTER_DUMMY, _OTHER = 0, 1, 2
+"""Columns of the per-row repeat flags: same route, different after a dummy, different."""
+
+
+@dataclass
+class _OpenRun:
+    ids: np.ndarray
+    weights: np.ndarray
+    fp: int
+    length: int
+    first_line: int
+    last_line: int
+    flags: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
+
+
+@dataclass
+class _Plan:
+    """One layer's rows of a chunk, split into runs before the repeat flags are known."""
+
+    rows: np.ndarray | None
+    bounds: np.ndarray
+    head: int
+    continued: _OpenRun | None
+    """The run open before the chunk, which its first ``head`` rows continue."""
+    closed: bool
+    """Whether that run ends in this chunk."""
+    long_segments: list[int]
+    opened: _OpenRun | None
 
 
 class ContaminationDetector:
-    """Streams over routes and finds the fingerprints of logs that are not just real tokens.
+    """Streams over routes and sorts every record into dummy batch, double-logged or kept.
 
-    Naive hooks log the warm-up, profiling and graph-capture passes vLLM makes with dummy batches:
-    thousands of identical tokens, hence thousands of consecutive identical routes, often under
-    keys that real tokens use again later. Real consecutive tokens practically never share all k
-    ids AND all k float weights, so ``min_run`` identical routes in a row (per layer, in file
-    order) flags a run; any repeated (req_id, token_idx, layer) key is flagged too.
+    ``layers`` is the number of logged layers (group codes are ``req * layers + slot``, as
+    :meth:`RouteLog.groups` makes them), so that distinct req_ids can be counted.
     """
 
-    def __init__(self, min_run: int = 64) -> None:
+    def __init__(self, min_run: int = 64, layers: int = 1) -> None:
+        if min_run < 2:
+            raise ValueError(f"`min_run` must be >= 2, got {min_run}")
+        if layers < 1:
+            raise ValueError(f"`layers` must be >= 1, got {layers}")
         self.min_run = min_run
-        self.positions = PositionSet()
-        self._repeated = PositionSet()
-        """Keys seen more than once (one bit each, however many copies)."""
+        self.layers = layers
+        self._last: LastRoutes | None = LastRoutes()
+        self._restarts = _Restarts()
         self._records = 0
-        self._dup_records = 0
+        self._groups = 0
+        self._flags = np.zeros(3, np.int64)
+        """Repeat flags of every record so far, dummy or not."""
+        self._run_flags = np.zeros(3, np.int64)
+        """Repeat flags of the records in dummy runs (subtracted at the end)."""
         self._open: dict[int, _OpenRun] = {}
         self._runs: list[Run] = []
         self._run_records = 0
-        self._run_count = 0
-        self._overlap = 0
+        self._lengths: dict[int, int] = {}
         self._longest: Run | None = None
+        self._dummy_fps: dict[int, set[int]] = {}
+        self._dummy_fp_arrays: dict[int, np.ndarray] = {}
+        self.verdict: Contamination | None = None
 
     def add(
         self,
@@ -104,26 +465,43 @@ class ContaminationDetector:
         ids: np.ndarray,
         weights: np.ndarray,
         line: np.ndarray,
-    ) -> np.ndarray:
-        """Fold in one chunk (rows in file order); returns the repeated-key mask of its rows."""
-        n = group.size
-        self._records += n
-        dup = self.positions.add(group, token_idx)
-        if dup.any():
-            self._dup_records += int(dup.sum())
-            self._repeated.add(group[dup], token_idx[dup])
-        layers = np.unique(layer)
-        for lay in layers.tolist():
-            rows = slice(None) if layers.size == 1 else layer == lay
-            self._scan_runs(int(lay), ids[rows], weights[rows], line[rows], dup[rows])
-        return dup
-
-    def _scan_runs(
-        self, layer: int, ids: np.ndarray, w: np.ndarray, line: np.ndarray, dup: np.ndarray
     ) -> None:
-        n = ids.shape[0]
+        """Fold in one chunk (rows in file order)."""
+        n = group.size
         if n == 0:
             return
+        if self._last is None:
+            raise RuntimeError("add() after finish()")
+        self._records += n
+        self._groups = max(self._groups, int(group.max()) + 1)
+        self._restarts.add(group, token_idx)
+        fp = route_fingerprints(ids, weights)
+        prev = self._last.exchange(group, token_idx, fp)
+        layers = np.unique(layer)
+        plans = []
+        for lay in layers.tolist():
+            rows = None if layers.size == 1 else np.flatnonzero(layer == lay)
+            plans.append((int(lay), self._split(int(lay), rows, ids, weights, fp, line)))
+        flags = self._repeat_flags(prev, fp, layer)
+        if flags is not None:
+            self._flags += flags.sum(axis=0)
+        for lay, plan in plans:
+            self._settle(lay, plan, flags, line)
+
+    def _split(
+        self,
+        layer: int,
+        rows: np.ndarray | None,
+        ids: np.ndarray,
+        w: np.ndarray,
+        fp: np.ndarray,
+        line: np.ndarray,
+    ) -> _Plan:
+        """Find where one layer's rows of the chunk change route; note the runs that end here
+        (their routes are dummy routes from now on) and open the chunk's last run."""
+        if rows is not None:
+            ids, w, fp, line = ids[rows], w[rows], fp[rows], line[rows]
+        n = ids.shape[0]
         same = np.empty(n, bool)
         same[1:] = _rows_equal_next(ids) & _rows_equal_next(w)
         cur = self._open.get(layer)
@@ -134,58 +512,125 @@ class ContaminationDetector:
         )
         starts = np.flatnonzero(~same)
         bounds = np.append(starts, n)
-        dup_cum = np.concatenate([[0], np.cumsum(dup)])
-        head = int(bounds[0])  # rows continuing the open run
+        head = int(bounds[0])
         if cur is not None and head:
             cur.length += head
-            cur.dups += int(dup_cum[head])
             cur.last_line = int(line[head - 1])
+        closed = cur is not None and starts.size > 0
+        if closed and cur is not None and cur.length >= self.min_run:
+            self._note_dummy_route(layer, cur.fp)
+        seg_len = np.diff(bounds)
+        long_segments = np.flatnonzero(seg_len[:-1] >= self.min_run).tolist() if starts.size else []
+        for s in long_segments:
+            self._note_dummy_route(layer, int(fp[bounds[s]]))
+        opened = None
         if starts.size:
-            if cur is not None:
-                self._close(layer, cur)
-            seg_len = np.diff(bounds)
-            seg_dup = dup_cum[bounds[1:]] - dup_cum[bounds[:-1]]
-            for s in np.flatnonzero(seg_len[:-1] >= self.min_run):
-                a, b = int(bounds[s]), int(bounds[s + 1])
-                self._record(Run(layer, int(line[a]), int(line[b - 1]), b - a), int(seg_dup[s]))
             a = int(starts[-1])
-            self._open[layer] = _OpenRun(
-                ids[a].copy(),
-                w[a].copy(),
-                int(seg_len[-1]),
-                int(line[a]),
-                int(line[n - 1]),
-                int(seg_dup[-1]),
+            opened = _OpenRun(
+                ids[a].copy(), w[a].copy(), int(fp[a]), n - a, int(line[a]), int(line[n - 1])
             )
+            self._open[layer] = opened
+        return _Plan(rows, bounds, head, cur, closed, long_segments, opened)
+
+    def _note_dummy_route(self, layer: int, fp: int) -> None:
+        fps = self._dummy_fps.setdefault(layer, set())
+        if fp not in fps:
+            fps.add(fp)
+            self._dummy_fp_arrays[layer] = np.fromiter(fps, np.uint32, len(fps))
+
+    def _repeat_flags(
+        self, prev: np.ndarray, fp: np.ndarray, layer: np.ndarray
+    ) -> np.ndarray | None:
+        """(n, 3) int64 one-hot flags (same route, different after a dummy, different) of the
+        rows that repeat a key; None when no row does."""
+        repeat = prev != 0
+        if not repeat.any():
+            return None
+        flags = np.zeros((prev.size, 3), np.int64)
+        same = repeat & (prev == fp)
+        flags[same, _SAME] = 1
+        diff = np.flatnonzero(repeat & ~same)
+        if diff.size:
+            after = np.zeros(diff.size, bool)
+            lay_d, prev_d = layer[diff], prev[diff]
+            for lay, fps in self._dummy_fp_arrays.items():
+                sel = lay_d == lay
+                if sel.any():
+                    after[sel] = np.isin(prev_d[sel], fps)
+            flags[diff[after], _AFTER_DUMMY] = 1
+            flags[diff[~after], _OTHER] = 1
+        return flags
+
+    def _settle(self, layer: int, plan: _Plan, flags: np.ndarray | None, line: np.ndarray) -> None:
+        """Add the chunk's repeat flags to the runs :meth:`_split` found, and record the runs
+        that ended and are long enough."""
+        bounds, head = plan.bounds, plan.head
+        if flags is None:
+            cum = None
+        else:
+            f = flags if plan.rows is None else flags[plan.rows]
+            cum = np.zeros((f.shape[0] + 1, 3), np.int64)
+            np.cumsum(f, axis=0, out=cum[1:])
+
+        def between(a: int, b: int) -> np.ndarray:
+            return np.zeros(3, np.int64) if cum is None else cum[b] - cum[a]
+
+        cur = plan.continued
+        if cur is not None and head:
+            cur.flags = cur.flags + between(0, head)
+        if plan.closed and cur is not None:
+            self._close(layer, cur)
+        ln = line if plan.rows is None else line[plan.rows]
+        for s in plan.long_segments:
+            a, b = int(bounds[s]), int(bounds[s + 1])
+            self._record(Run(layer, int(ln[a]), int(ln[b - 1]), b - a), between(a, b))
+        if plan.opened is not None:
+            a = int(bounds[-2])
+            plan.opened.flags = between(a, int(bounds[-1]))
 
     def _close(self, layer: int, run: _OpenRun) -> None:
         if run.length >= self.min_run:
-            self._record(Run(layer, run.first_line, run.last_line, run.length), run.dups)
+            self._record(Run(layer, run.first_line, run.last_line, run.length), run.flags)
 
-    def _record(self, run: Run, dups: int) -> None:
-        self._run_count += 1
+    def _record(self, run: Run, flags: np.ndarray) -> None:
         self._run_records += run.length
-        self._overlap += dups
+        self._run_flags += flags
         self._runs.append(run)
+        self._lengths[run.length] = self._lengths.get(run.length, 0) + 1
         if self._longest is None or run.length > self._longest.length:
             self._longest = run
 
     def finish(self) -> Contamination:
-        """Close open runs and return the verdict; call once, after the last chunk."""
+        """Close open runs and return the verdict (also kept as ``verdict``); call once, after
+        the last chunk."""
+        if self.verdict is not None:
+            return self.verdict
         for layer, run in self._open.items():
             self._close(layer, run)
         self._open.clear()
-        dup_keys = int(self._repeated.count.sum())
-        return Contamination(
+        self._last = None  # the fingerprints are not needed any more: free them
+        outside = self._flags - self._run_flags
+        same, after, other = (int(x) for x in outside)
+        real = self._records - self._run_records
+        degenerate = degenerate_keys(other, real)
+        double = 0 if degenerate else same
+        self.verdict = Contamination(
             records=self._records,
-            duplicate_records=self._dup_records,
-            duplicate_keys=dup_keys,
-            identical_runs=self._run_count,
-            identical_run_records=self._run_records,
-            suspect_records=self._dup_records + self._run_records - self._overlap,
+            dummy_records=self._run_records,
+            dummy_runs=len(self._runs),
+            run_lengths=dict(sorted(self._lengths.items(), reverse=True)),
+            vllm_sized_runs=sum(c for n, c in self._lengths.items() if vllm_batch_size(n)),
             longest_run=self._longest,
+            double_logged_records=double,
+            kept_records=self._records - self._run_records - double,
+            repeated_keys=RepeatedKeys(same, after, other),
+            key_scheme="degenerate" if degenerate else "distinct",
+            req_ids=(self._groups - 1) // self.layers + 1 if self._groups else 0,
+            token_idx_restarts=self._restarts.count,
+            suspect_records=self._run_records + double,
             min_run=self.min_run,
         )
+        return self.verdict
 
     @property
     def runs(self) -> list[Run]:
@@ -207,23 +652,18 @@ def _rows_equal_next(a: np.ndarray) -> np.ndarray:
     return (a[1:] == a[:-1]).all(axis=1)
 
 
-@dataclass
-class _OpenRun:
-    ids: np.ndarray
-    weights: np.ndarray
-    length: int
-    first_line: int
-    last_line: int
-    dups: int
+# --------------------------------------------------------------------------- exclusion
 
 
 class SuspectFilter:
     """After a :class:`ContaminationDetector` pass, tells which rows of a chunk to drop, in a
-    second pass over the same log: every row inside a long identical run (dummy batches), then,
-    among the rest, every repeat of a key already kept (double logging keeps its first copy).
-    Real tokens whose keys a dummy batch used first are therefore kept."""
+    second pass over the same log: every row inside a dummy run, and (when the verdict found
+    double logging) every row outside them whose key's previous record had the same route, so
+    double logging keeps its first copy. Real tokens reusing keys that a dummy batch or
+    another token used first are kept; so is everything else."""
 
     def __init__(self, detector: ContaminationDetector) -> None:
+        verdict = detector.finish()
         by_layer: dict[int, list[Run]] = {}
         for run in detector.runs:
             by_layer.setdefault(run.layer, []).append(run)
@@ -233,12 +673,18 @@ class SuspectFilter:
             first = np.array([r.first_line for r in runs], np.int64)
             last = np.array([r.last_line for r in runs], np.int64)
             self._runs[layer] = (first, last)
-        self._kept = PositionSet()
+        self._last = LastRoutes() if verdict.double_logged_records else None
 
     def mask(
-        self, group: np.ndarray, token_idx: np.ndarray, layer: np.ndarray, line: np.ndarray
+        self,
+        group: np.ndarray,
+        token_idx: np.ndarray,
+        layer: np.ndarray,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        line: np.ndarray,
     ) -> np.ndarray:
-        """True for rows to drop; call once per chunk, in file order."""
+        """True for rows to drop; call once per chunk, with every chunk, in file order."""
         drop = np.zeros(group.size, bool)
         for lay, (first, last) in self._runs.items():
             rows = np.flatnonzero(layer == lay)
@@ -248,6 +694,8 @@ class SuspectFilter:
             k = np.searchsorted(first, ln, side="right") - 1
             inside = (k >= 0) & (ln <= last[np.maximum(k, 0)])
             drop[rows[inside]] = True
-        keep = np.flatnonzero(~drop)
-        drop[keep[self._kept.add(group[keep], token_idx[keep])]] = True
+        if self._last is not None and group.size:
+            fp = route_fingerprints(ids, weights)
+            prev = self._last.exchange(group, token_idx, fp)
+            drop |= prev == fp
         return drop

@@ -2,3 +2,7 @@
 
 from __future__ import annotations
 
+import moeprof.analysis.crosslayer
+import moeprof.analysis.ep
+import moeprof.analysis.reuse
+import moeprof.analysis.tokens  # noqa: F401

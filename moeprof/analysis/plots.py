@@ -15,14 +15,22 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from moeprof.analysis.analyze import AnalysisReport, LayerAnalysis, LogAnalysis
+from moeprof.analysis.crosslayer import CrossLayerResult, LayerPair
+from moeprof.analysis.ep import EpAnalysis
+from moeprof.analysis.reuse import ReuseResult
 from moeprof.analysis.summary import ExpertStats
 from moeprof.errors import UserError
+from moeprof.layers import format_layers
 from moeprof.outfiles import refuse_existing, replacing
 
-KINDS = ("hist", "coselect", "heatmap")
+KINDS = ("hist", "coselect", "heatmap", "transitions", "reuse", "ep")
+ANALYSIS_OF_KIND = {"transitions": "cross_layer", "reuse": "reuse", "ep": "ep"}
+"""Plot kinds drawn from an extra analysis (:mod:`moeprof.analysis.passes`): ``plot`` runs it."""
 PHASE_COLORS = {"prefill": "#4C72B0", "decode": "#DD8452", "unknown": "#8C8C8C"}
 ACCENT_COLOR = "#C44E52"
 """Red: the uniform-share line and the contamination warning."""
@@ -61,6 +69,12 @@ def figure(report: AnalysisReport, *, kind: str = "hist", sort: bool = False) ->
         raise UserError("nothing to plot: no logs")
     if kind == "coselect":
         return coselect_figure(report, sort=sort)
+    if kind == "transitions":
+        return transitions_figure(report, sort=sort)
+    if kind == "reuse":
+        return reuse_figure(report)
+    if kind == "ep":
+        return ep_figure(report)
     if kind == "heatmap" or len(rows) > 1:
         return heatmap_figure(report, sort=sort)
     return hist_figure(rows[0][0], rows[0][1], sort=sort)
@@ -376,3 +390,212 @@ def _coselect_panel(fig: Figure, ax: Axes, log: LogAnalysis, la: LayerAnalysis, 
         else ""
     )
     ax.set_title(f"{log.model_id} | layer {la.layer} | {s.tokens:,} tokens{pair}", fontsize=10)
+
+
+# --------------------------------------------------------------------------- cross-layer
+
+
+def _extra_results(report: AnalysisReport, name: str) -> list[tuple[LogAnalysis, object]]:
+    """(log, result) of analysis ``name`` for the logs that could give it; a UserError with
+    the first log's reason when none could."""
+    from moeprof.analysis.passes import Skipped
+
+    found = [(log, log.extras.get(name)) for log in report.logs]
+    usable = [(log, r) for log, r in found if r is not None and not isinstance(r, Skipped)]
+    if usable:
+        return usable
+    reasons = [r.reason for _, r in found if isinstance(r, Skipped)]
+    raise UserError(f"nothing to plot: {reasons[0] if reasons else f'{name} was not run'}")
+
+
+def transition_pair(log: LogAnalysis, result: CrossLayerResult) -> LayerPair:
+    """The pair of layers to draw: the first pair, or with ``--layer l`` the pair l -> the
+    next logged layer (the first chosen layer that has one)."""
+    shown = [la.layer for la in log.layers]
+    for p in result.pairs:
+        if p.layer in shown:
+            return p
+    raise UserError(
+        f"layer {format_layers(shown)} is the last logged layer: no next layer to compare it "
+        f"with (--layer l draws l -> the next logged layer, l one of "
+        f"{format_layers([p.layer for p in result.pairs])})"
+    )
+
+
+def transitions_figure(report: AnalysisReport, *, sort: bool = False) -> Figure:
+    """Expert at layer l (rows) x expert at the next logged layer (columns): colour = lift
+    ``P(a,b) / (P_a P_b)`` on a log2 scale (white = 1, as often as independent layers would
+    make the pair), grey where fewer tokens than the listing minimum made the pair (noise), for
+    the first log that has the analysis. ``sort`` orders each axis by its layer's load."""
+    log, result = _extra_results(report, "cross_layer")[0]
+    assert isinstance(result, CrossLayerResult)
+    p = transition_pair(log, result)
+    e = p.joint.shape[0]
+    rows_order = _by_load(p.joint.sum(axis=1)) if sort else np.arange(e)
+    cols_order = _by_load(p.joint.sum(axis=0)) if sort else np.arange(e)
+    lift = p.lift()
+    with np.errstate(divide="ignore"):
+        shown = np.log2(lift)
+    shown[p.joint < result.min_tokens] = np.nan
+    shown = shown[np.ix_(rows_order, cols_order)]
+    finite = np.abs(shown[np.isfinite(shown)])
+    vmax = max(float(np.percentile(finite, 99)) if finite.size else 1.0, 0.5)
+    side = min(max(6.0, 0.12 * e + 3.0), 30.0)
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    cmap = colormaps["RdBu_r"].with_extremes(bad="#D9D9D9")
+    im = ax.imshow(shown, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
+    _expert_ticks(ax, [int(i) for i in cols_order], "x")
+    _expert_ticks(ax, [int(i) for i in rows_order], "y")
+    by = " (sorted by load)" if sort else ""
+    ax.set_xlabel(f"expert at layer {p.next_layer}{by}")
+    ax.set_ylabel(f"expert at layer {p.layer}{by}")
+    bar = fig.colorbar(im, ax=ax, shrink=0.8, pad=0.01)
+    bar.set_label(f"log2 lift P(a,b) / (P(a) P(b)); grey: < {result.min_tokens} tokens")
+    gap = "" if p.adjacent else " (layers between not logged)"
+    ax.set_title(
+        f"{log.model_id} | layer {p.layer} -> {p.next_layer}{gap} | {p.tokens:,} tokens, "
+        f"top-{result.top_k}\nMI {p.mi_bits:.3f} bits (chance {p.baseline_bits:.3f}), "
+        f"{100 * p.normalized_mi:.1f}% of min(H)",
+        fontsize=10,
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------- reuse
+
+
+def reuse_figure(report: AnalysisReport) -> Figure:
+    """Hit rate of a per-request LRU cache of C experts against C (from k to E), one line per
+    shown layer of the first log that has the analysis, and the chance line: the same requests
+    with independent tokens (:func:`moeprof.analysis.reuse.che_hit_rates`), averaged over the
+    layers weighted by accesses. Dotted verticals mark k and 2k."""
+    log, result = _extra_results(report, "reuse")[0]
+    assert isinstance(result, ReuseResult)
+    shown = {la.layer for la in log.layers}
+    layers = [la for la in result.layers if la.layer in shown and la.accesses]
+    if not layers:
+        raise UserError("nothing to plot: no routes in the chosen layers")
+    fig = Figure(figsize=(9.0, 5.6), layout="constrained")
+    ax = fig.subplots()
+    cap = np.array(layers[0].capacities)
+    many = len(layers) > 10  # a colour scale by layer instead of a legend
+    cmap = colormaps["viridis"]
+    lo, hi = min(la.layer for la in layers), max(la.layer for la in layers)
+    norm = Normalize(lo, max(hi, lo + 1))
+    for i, la in enumerate(layers):
+        color = cmap(norm(la.layer)) if many else f"C{i % 10}"
+        ax.plot(
+            cap,
+            100 * np.array(la.hit_rate, dtype=np.float64),
+            color=color,
+            linewidth=1.2,
+            label=None if many else f"layer {la.layer}",
+        )
+    weights = np.array([la.accesses for la in layers], np.float64)
+    chance = np.array([la.chance_hit_rate for la in layers], np.float64)
+    mean_chance = (weights[:, None] * chance).sum(axis=0) / weights.sum()
+    ax.plot(
+        cap,
+        100 * mean_chance,
+        color="black",
+        linestyle="--",
+        linewidth=1.5,
+        label="chance: tokens independent, same loads",
+    )
+    k = result.top_k
+    for c, name in ((k, "k"), (2 * k, "2k")):
+        if c <= cap[-1]:
+            ax.axvline(c, color="#8C8C8C", linestyle=":", linewidth=1)
+            ax.annotate(name, (c, 1), xytext=(2, 0), textcoords="offset points", fontsize=8)
+    if many:
+        fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="layer", pad=0.01)
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.set_xlim(cap[0], cap[-1])
+    ax.set_ylim(0, 100)
+    ax.set_xlabel(f"cache size C (experts per request and layer; top-{k} of {result.num_experts})")
+    ax.set_ylabel("hit rate (% of expert accesses; first uses are misses)")
+    ax.grid(alpha=0.3)
+    i2 = layers[0].at(2 * k)
+    at2 = ""
+    if i2 is not None:
+        hit2 = np.average([la.hit_rate[i2] for la in layers], weights=weights)
+        at2 = f"\nat C=2k={2 * k}: {100 * hit2:.1f}% (chance {100 * mean_chance[i2]:.1f}%)"
+        at2 += ", mean over layers" if len(layers) > 1 else ""
+    ax.set_title(
+        f"{log.model_id} | per-request LRU expert cache, {len(layers)} layer"
+        f"{'s' if len(layers) > 1 else ''}{at2}",
+        fontsize=10,
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------- expert parallelism
+
+EP_COLORS = {"contiguous": "#4C72B0", "EPLB": "#DD8452"}
+
+
+def ep_figure(report: AnalysisReport) -> Figure:
+    """Balancedness (mean / max rank load) per engine step, mean over the logged layers, one
+    panel per rank count: vLLM's contiguous placement over every step, the EPLB placement over
+    the evaluation steps (after its fit, shaded), for the first log that has the analysis.
+    Each point is one step, or the mean of a run of steps in long logs (said in the title)."""
+    log, result = _extra_results(report, "ep")[0]
+    assert isinstance(result, EpAnalysis) and result.timeline is not None
+    t = result.timeline
+    n = len(t.ranks)
+    cols = 1 if n == 1 else 2
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(7.0 * cols, 3.6 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    first = float(t.step[0]) if t.step.size else 0.0
+    for i, (ax, br) in enumerate(zip(axes.ravel(), result.by_ranks, strict=False)):
+        ax.axvspan(first, t.eval_from_step, color="#E5E5E5", zorder=0, label="EPLB fit steps")
+        ax.plot(
+            t.step,
+            t.contiguous[:, i],
+            color=EP_COLORS["contiguous"],
+            linewidth=0.8,
+            label=f"contiguous (mean {_ep_num(br.contiguous_mean)} after the fit)",
+        )
+        if br.eplb_mean is not None:
+            ax.plot(
+                t.eplb_step,
+                t.eplb[:, i],
+                color=EP_COLORS["EPLB"],
+                linewidth=0.8,
+                label=f"EPLB, {result.redundant_experts} redundant (mean {_ep_num(br.eplb_mean)})",
+            )
+        ax.axhline(1 / br.ranks, color=ACCENT_COLOR, linestyle=":", linewidth=1)
+        ax.annotate(
+            "1/R: one rank does all",
+            (1.0, 1 / br.ranks),
+            xycoords=("axes fraction", "data"),
+            xytext=(-4, 3),
+            textcoords="offset points",
+            ha="right",
+            fontsize=7,
+            color=ACCENT_COLOR,
+        )
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{br.ranks} ranks", fontsize=10)
+        ax.set_ylabel("balancedness (mean / max rank load)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=7, framealpha=0.8)
+    for ax in axes[-1]:
+        ax.set_xlabel("engine step")
+    layers = format_layers(log.meta.get("layers_logged", []))
+    per = f"; each point the mean of {t.steps_per_point} steps" if t.steps_per_point > 1 else ""
+    fig.suptitle(
+        f"{log.model_id} | load balance per engine step under expert parallelism, mean over "
+        f"layers {layers}{per}\nEPLB fitted on steps before {t.eval_from_step:,} (shaded), "
+        f"compared on the {result.eval_steps:,} steps after",
+        fontsize=10,
+    )
+    return fig
+
+
+def _ep_num(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.2f}"

@@ -94,6 +94,23 @@ def _print_wide(console: Console, table: Table) -> None:
         Console(file=console.file, width=max(console.width, 150), color_system=None).print(table)
 
 
+def _print_contamination(log: LogAnalysis, console: Console) -> None:
+    """The contamination verdict: each suspect class with its count, then what the keys say
+    (a degenerate key scheme, keys reused with other routes); or that there is no sign."""
+    c = log.contamination
+    text = c.describe()
+    if c.suspicious or c.degenerate:
+        console.print(f"  [yellow]contamination:[/] {text}", highlight=False, soft_wrap=True)
+    elif text:
+        console.print(
+            f"  no sign of dummy batches or double logging. {text}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print("  no sign of dummy batches or double logging", highlight=False)
+
+
 def _print_log_notes(log: LogAnalysis, exclude_suspect: bool, console: Console) -> None:
     console.print(
         f"[bold]{Path(log.path).name}[/]: {log.model_id}, {log.records:,} routes, "
@@ -102,11 +119,7 @@ def _print_log_notes(log: LogAnalysis, exclude_suspect: bool, console: Console) 
         highlight=False,
         soft_wrap=True,
     )
-    c = log.contamination
-    if c.suspicious:
-        console.print(f"  [yellow]suspect:[/] {c.describe()}", highlight=False, soft_wrap=True)
-    else:
-        console.print("  no sign of dummy batches or double logging", highlight=False)
+    _print_contamination(log, console)
     for la in log.layers:
         if la.phase_jsd is not None:
             console.print(
@@ -220,11 +233,7 @@ def _print_log_summary(log: LogAnalysis, exclude_suspect: bool, console: Console
         highlight=False,
         soft_wrap=True,
     )
-    c = log.contamination
-    if c.suspicious:
-        console.print(f"  [yellow]suspect:[/] {c.describe()}", highlight=False, soft_wrap=True)
-    else:
-        console.print("  no sign of dummy batches or double logging", highlight=False)
+    _print_contamination(log, console)
     ranked = _most_skewed(log)
     if len(ranked) < 2:
         return

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
-from moeprof.analysis.analyze import AnalysisReport
+from moeprof.analysis.analyze import AnalysisReport, LogAnalysis
 from moeprof.analysis.passes import Skipped
 
 SECTIONS: dict[str, Callable[[Any, Console], None]] = {}
@@ -30,13 +30,45 @@ def section(
     return deco
 
 
+NOTES: dict[str, Callable[[Any], list[str]]] = {}
+"""Analysis name -> function giving its lines (markdown) in ``analyze --markdown``'s note."""
+
+
+def note(name: str) -> Callable[[Callable[[Any], list[str]]], Callable[[Any], list[str]]]:
+    def deco(fn: Callable[[Any], list[str]]) -> Callable[[Any], list[str]]:
+        NOTES[name] = fn
+        return fn
+
+    return deco
+
+
+def extra_notes(log: LogAnalysis) -> list[str]:
+    """The markdown lines of ``log``'s extra analyses that have a note, in the order they ran;
+    an analysis the log could not give is one line saying why."""
+    import moeprof.render.extra_sections  # noqa: F401  (registers every note)
+
+    lines: list[str] = []
+    for name, result in log.extras.items():
+        writer = NOTES.get(name)
+        if writer is None:
+            continue
+        if isinstance(result, Skipped):
+            lines.append(f"- {name.replace('_', '-')}: not computed: {result.reason}.")
+        else:
+            lines += writer(result)
+    return lines
+
+
 def print_extras(report: AnalysisReport, console: Console) -> None:
     """Every log's extra analyses, in the order they ran."""
     import moeprof.render.extra_sections  # noqa: F401  (registers every section)
 
+    several = len(report.logs) > 1
     for log in report.logs:
+        if several and log.extras:
+            console.rule(Path(log.path).name, align="left")
         for name, result in log.extras.items():
-            where = f" ({Path(log.path).name})" if len(report.logs) > 1 else ""
+            where = f" ({Path(log.path).name})" if several else ""
             if isinstance(result, Skipped):
                 console.print(f"{name}{where}: skipped: {result.reason}", highlight=False)
                 continue

@@ -14,6 +14,7 @@ from moeprof.analysis.analyze import AnalysisReport, LayerAnalysis, LogAnalysis
 from moeprof.analysis.summary import ExpertStats
 from moeprof.errors import UserError
 from moeprof.layers import format_layers
+from moeprof.render.extras import extra_notes
 from moeprof.render.numbers import num, pct
 
 BALANCED, MILDLY, STRONGLY = "close to balanced", "mildly skewed", "strongly skewed"
@@ -65,12 +66,23 @@ def markdown_note(report: AnalysisReport) -> str:
         _source_line(log, la.stats, report.exclude_suspect),
         *_stats_lines(la.stats),
     ]
-    if log.contamination.suspicious and not report.exclude_suspect:
-        lines.append(f"- Caution: {log.contamination.describe()}")
+    caution = _caution(log, report.exclude_suspect)
+    if caution:
+        lines.append(caution)
     also = _also_line(report, log, rows[1:])
     if also:
         lines.append(also)
+    lines += extra_notes(log)
     return "\n".join(lines) + "\n"
+
+
+def _caution(log: LogAnalysis, exclude_suspect: bool) -> str | None:
+    """The contamination line: each suspect class and what the keys say, when the numbers
+    include suspect records or the log's keys do not identify tokens."""
+    c = log.contamination
+    if (c.suspicious and not exclude_suspect) or c.degenerate:
+        return f"- Caution: {c.describe()}"
+    return None
 
 
 def _source_line(log: LogAnalysis, s: ExpertStats, exclude_suspect: bool) -> str:
@@ -139,11 +151,13 @@ def multi_layer_note(report: AnalysisReport) -> str:
         lines += _layers_lines(log, routed)
     else:
         lines.append("- No routes were logged for these layers, so there is nothing to interpret.")
-    if log.contamination.suspicious and not report.exclude_suspect:
-        lines.append(f"- Caution: {log.contamination.describe()}")
+    caution = _caution(log, report.exclude_suspect)
+    if caution:
+        lines.append(caution)
     also = _also_logs(report, log)
     if also:
         lines.append(also)
+    lines += extra_notes(log)
     return "\n".join([*lines, "", *_layers_table(log)]) + "\n"
 
 
