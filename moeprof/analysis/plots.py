@@ -198,7 +198,7 @@ def _hist_axes(
     ax.set_xlim(-0.7, s.num_experts - 0.3)
     ax.set_xlabel("expert id" + (" (sorted by load)" if sort else ""))
     ax.set_ylabel(f"selections (tokens choosing the expert, top-{log.top_k})")
-    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    ax.legend(loc="best", fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.set_title(
@@ -455,7 +455,7 @@ def transitions_figure(report: AnalysisReport, *, sort: bool = False) -> Figure:
     gap = "" if p.adjacent else " (layers between not logged)"
     ax.set_title(
         f"{log.model_id} | layer {p.layer} -> {p.next_layer}{gap} | {p.tokens:,} tokens, "
-        f"top-{result.top_k}\nMI {p.mi_bits:.3f} bits (chance {p.baseline_bits:.3f}), "
+        f"top-{result.top_k}\nMI {p.mi_bits:.3f} bits (chance {p.baseline_bits:.2g}), "
         f"{100 * p.normalized_mi:.1f}% of min(H)",
         fontsize=10,
     )

@@ -4,7 +4,6 @@ headline agreement, the requests that diverge and where, and a row per layer."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -52,7 +51,7 @@ def _side(s: LogSide) -> str:
     dtype = f", {s.dtype}" if s.dtype else ""
     dups = f", {s.duplicates:,} repeated keys (not joined)" if s.duplicates else ""
     return escape(
-        f"{Path(s.path).name} ({s.model_id}, vLLM {s.vllm_version}, torch {s.torch_version}, "
+        f"{s.path} ({s.model_id}, vLLM {s.vllm_version}, torch {s.torch_version}, "
         f"{s.device}{dtype}, top-{s.top_k}): {s.routes:,} routes, {s.requests:,} requests{dups}"
     )
 

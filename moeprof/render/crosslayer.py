@@ -49,7 +49,7 @@ def print_cross_layer(result: CrossLayerResult, console: Console) -> None:
             pair_label(p),
             f"{p.tokens:,}",
             num(p.mi_bits, ".3f"),
-            num(p.baseline_bits, ".3f"),
+            num(p.baseline_bits, ".2g"),
             num(p.normalized_mi, ".1%"),
             transitions_text(p),
         )
