@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -865,3 +866,115 @@ def test_a_patched_worker_numbers_its_steps_for_every_layer(
         (3, 2, 2, "decode"),
     ]
     assert routes[0].topk_ids == [0, 1] and routes[1].topk_ids == [6, 7]  # layer 2: shift 6
+
+
+# --- A log removed or shared while it is written (issue 15) -------------------------------------
+
+
+def _wait_until(cond: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(cond())
+
+
+def test_removing_the_logs_directory_stops_logging_with_one_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moeprof.hook.writer as writer_module
+
+    monkeypatch.setattr(writer_module.logger, "handlers", [caplog.handler])
+    monkeypatch.setattr(writer_module.logger, "propagate", False)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "log.jsonl"
+    w = _writer(log)
+    w.submit(_item(w, _batch(["a"], [2], [0])))
+    w.wake()
+    assert _wait_until(lambda: w.routes_written == 2)
+    shutil.rmtree(logs)  # the real thing: the file's last name goes with its directory
+    w.submit(_item(w, _batch(["a"], [1], [2])))
+    w.wake()
+    assert _wait_until(lambda: w.failed)
+    assert w.ring.backlog == 0
+    for step in range(3):  # later steps are dropped at once, their rows given back
+        w.submit(_item(w, _batch(["a"], [1], [3 + step])))
+        assert w.ring.backlog == 0
+    w.close()
+    assert w.routes_written == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    assert f"the log file {log} was removed" in message
+    assert "stopped after 2 routes" in message and "the engine goes on" in message
+    assert not logs.exists()
+
+
+def test_a_log_removed_after_its_last_flush_is_reported_at_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moeprof.hook.writer as writer_module
+
+    monkeypatch.setattr(writer_module.logger, "handlers", [caplog.handler])
+    monkeypatch.setattr(writer_module.logger, "propagate", False)
+    log = tmp_path / "log.jsonl"
+    w = _writer(log)
+    w.submit(_item(w, _batch(["a"], [1], [0])))
+    w.wake()
+    assert _wait_until(lambda: w.routes_written == 1)
+    log.unlink()
+    w.close()
+    w.close()
+    assert w.failed
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"the log file {log} was removed" in errors[0]
+
+
+_HOLD_LOG = """
+import sys
+from pathlib import Path
+from moeprof.hook import compat
+from moeprof.hook.ring import HostRing
+from moeprof.hook.writer import LogWriter
+meta = {"type": "meta", "layers_logged": [3]}
+ring = HostRing(8, 1, 2, pin=False)
+w = LogWriter(Path(sys.argv[1]), meta, [3], 2, compat.external_request_id, True, ring)
+print("ready", flush=True)
+sys.stdin.readline()
+w.close()
+"""
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_second_writer_on_the_same_log_is_refused_and_leaves_it_untouched(
+    tmp_path: Path, overwrite: bool
+) -> None:
+    log = tmp_path / "log.jsonl"
+    first = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOG, str(log)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "ready"
+        held = log.read_bytes()
+        assert held.startswith(b'{"type":"meta"')
+        ring = HostRing(8, 1, 2, pin=False)
+        with pytest.raises(HookRefusal) as refused:
+            LogWriter(log, META, [3], 2, compat.external_request_id, overwrite, ring)
+        message = str(refused.value)
+        assert message.startswith("moeprof: ") and "\n" not in message
+        if overwrite:
+            assert f"{log} is being written by another process" in message
+        else:  # refused before the lock is tried: the file exists
+            assert "already exists" in message
+        if f"pid {first.pid}" not in message:
+            assert "(pid" not in message  # no pid where /proc/locks does not tell it
+        assert log.read_bytes() == held  # not truncated, nothing interleaved
+    finally:
+        first.communicate("\n", timeout=30)
+    assert first.returncode == 0
+    w = LogWriter(log, META, [3], 2, compat.external_request_id, True, HostRing(8, 1, 2, pin=False))
+    w.close()
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [META]

@@ -4,13 +4,18 @@ The model's thread only appends a step (where its rows sit in the host ring, and
 layout) to a queue, without waking anyone; this thread looks at the queue every
 ``IDLE_FLUSH_SEC``, and once the engine is idle or the ring half full it waits for the
 device-to-host copies, maps rows to requests, formats and writes.
-A failing write (disk full, file removed) turns logging off with one error message: the
-engine keeps serving, and the log keeps ending on a complete line.
+A failing write (disk full) turns logging off with one error message: the engine keeps
+serving, and the log keeps ending on a complete line. A log removed while it is written (the
+file or its directory) is noticed at the next flush and at close (its link count drops to 0):
+logging stops with one error, since whatever is written after that is lost. The log is held
+under an exclusive ``flock`` for its whole life, so a second writer on the same path (another
+engine, overwrite or not) is refused at start instead of interleaving into the same file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -83,15 +88,7 @@ class LogWriter:
         ring: HostRing,
     ) -> None:
         self.path = path
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-        try:
-            self._fd: int | None = os.open(path, flags, 0o644)
-        except FileExistsError:
-            raise HookRefusal(
-                f"{path} already exists; remove it or set VLLM_LOG_MOE_OVERWRITE=1"
-            ) from None
-        except OSError as e:
-            raise HookRefusal(f"cannot open {path} for writing: {e}") from None
+        self._fd: int | None = _open_locked(path, overwrite)
         self.ring = ring
         self._template = route_template(None, top_k)
         self._layers = np.asarray(layers, dtype=np.int64)
@@ -134,6 +131,9 @@ class LogWriter:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout)
+        if not self.failed and not self._thread.is_alive():
+            with contextlib.suppress(OSError):  # removed after the last flush
+                self._check_not_removed()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -191,7 +191,7 @@ class LogWriter:
         last = items[-1]
         end = last.start + last.batch.num_tokens
         try:
-            if self.failed:
+            if self.failed or self._check_not_removed():
                 return
             if last.ready is not None:
                 last.ready.synchronize()  # copies run in stream order: the last one ends last
@@ -278,6 +278,22 @@ class LogWriter:
             raise
         self._size += len(raw)
 
+    def _check_not_removed(self) -> bool:
+        """Whether the log has lost its last name (file or directory removed); says so once.
+
+        Writes to such a file succeed but reach nothing anyone can read, so logging stops.
+        """
+        if self._fd is None or os.fstat(self._fd).st_nlink > 0:
+            return False
+        self.failed = True
+        logger.error(
+            "moeprof: the log file %s was removed (or its directory): logging stopped after "
+            "%d routes; the engine goes on",
+            self.path,
+            self.routes_written,
+        )
+        return True
+
     def _fail(self, exc: Exception) -> None:
         self.failed = True
         logger.error(
@@ -287,3 +303,53 @@ class LogWriter:
             type(exc).__name__,
             exc,
         )
+
+
+def _open_locked(path: Path, overwrite: bool) -> int:
+    """Open the log for writing under an exclusive lock held until it is closed.
+
+    The file is truncated (when overwriting) only once the lock is held, so a log another
+    process is still writing is left untouched when this one is refused.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | (0 if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise HookRefusal(
+            f"{path} already exists; remove it or set VLLM_LOG_MOE_OVERWRITE=1"
+        ) from None
+    except OSError as e:
+        raise HookRefusal(f"cannot open {path} for writing: {e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        who = f"another process (pid {holder})" if holder else "another process"
+        raise HookRefusal(
+            f"{path} is being written by {who}; stop it or choose another log path"
+        ) from None
+    except OSError as e:  # a file system without locks: log, unguarded
+        logger.warning(
+            "moeprof: cannot lock %s (%s); a second writer would not be refused", path, e
+        )
+    if overwrite:
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as e:
+            os.close(fd)
+            raise HookRefusal(f"cannot open {path} for writing: {e}") from None
+    return fd
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a ``flock`` on ``fd``'s file, from Linux's ``/proc/locks``; else None."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == "FLOCK" and fields[3] == "WRITE" and fields[5] == inode:
+                pid = int(fields[4])
+                return pid if pid > 0 else None
+    return None
