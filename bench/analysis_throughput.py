@@ -9,6 +9,12 @@ grows with the log (it should not: the reader streams).
 Logs are cached under ``--dir`` by size, so a second run measures without regenerating. The
 cached file's name says its layout version (``synthetic_v2_*``: route lines with ``step``, as the
 hook writes them since issue #11; ``synthetic_*`` files are older logs without it).
+
+``--layers N`` (N > 1) writes a log of N layers instead (``synthetic_{N}layers_v1_*``, with an
+outputs file beside it, ``*.outputs.jsonl``): each token's N routes on consecutive lines as the
+hook writes them, ``--routes`` counting route lines (N per token). It is what the full analysis
+needs (``--tasks ...,analyze-full``: ``analyze --full --outputs F``); ``--layers 1`` (the
+default) is the one-layer log of the earlier tables, byte for byte.
 """
 
 from __future__ import annotations
@@ -30,6 +36,23 @@ LAYER = 12
 BATCH = 25  # requests decoded together, like the reference workload
 LOG_NAME = "synthetic_v2_{routes}.jsonl"
 """A cached log's name: bump the version when :func:`generate` writes other lines."""
+LAYERS_LOG_NAME = "synthetic_{layers}layers_v1_{routes}.jsonl"
+"""A cached log of several layers (:func:`generate_layers`); its outputs file has the same name
+with ``.outputs.jsonl``. Bump the version when either file changes."""
+VOCAB = 32_000
+ZIPF_S = 1.1
+"""Token ids are drawn with P(rank r) proportional to 1 / (r + 2.7) ** ZIPF_S over VOCAB ids."""
+TOKEN_BONUS = 3.0
+"""Score added to each token id's favoured expert (one per id and layer): token dependence."""
+REQUEST_BONUS = 2.5
+"""Score added to each request's favoured expert (one per request and layer): consecutive tokens
+of a request share experts beyond the load skew (reuse)."""
+CROSS_BONUS = 3.0
+"""Score added at layer l + 1 to the expert a fixed permutation maps the token's top-1 expert at
+layer l to: cross-layer dependence."""
+TASKS = ("validate", "analyze", "analyze-full")
+FULL_ANALYSES = ("tokens", "cross_layer", "reuse", "ep")
+"""What ``analyze --full`` runs (moeprof.cli._chosen_analyses with full=True)."""
 
 
 def _rss_mib() -> float:
@@ -47,7 +70,7 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _meta_line() -> str:
+def _meta_line(layers: list[int] | None = None) -> str:
     meta = {
         "type": "meta",
         "model_id": "synthetic/skewed-60x4",
@@ -55,7 +78,7 @@ def _meta_line() -> str:
         "torch_version": "0.0.0",
         "device": "cpu",
         "seed": 1234,
-        "layers_logged": [LAYER],
+        "layers_logged": [LAYER] if layers is None else layers,
         "top_k": TOP_K,
         "num_experts": NUM_EXPERTS,
         "schema_version": 1,
@@ -129,29 +152,173 @@ def generate(path: Path, routes: int, seed: int = 1234) -> None:
     tmp.replace(path)
 
 
-def _worker(task: str, path: Path) -> None:
+def _top_k(scores: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest scores' experts, weights from a softmax over E logits (as :func:`_routes`),
+    largest weight first."""
+    n = scores.shape[0]
+    ids = np.argpartition(-scores, TOP_K, axis=1)[:, :TOP_K]
+    logits = rng.normal(size=(n, NUM_EXPERTS)) * 0.5
+    logits[np.arange(n)[:, None], ids] += 2.0
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    weights = np.take_along_axis(probs, ids, axis=1)
+    order = np.argsort(-weights, axis=1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    weights = np.take_along_axis(weights, order, axis=1).astype(np.float32)
+    return ids, weights
+
+
+def _outputs_line(req_id: str, prompt: np.ndarray, output: np.ndarray) -> str:
+    record = {
+        "req_id": req_id,
+        "prompt_tokens": len(prompt),
+        "generated_tokens": len(output),
+        "num_cached_tokens": 0,
+        "prompt_token_ids": prompt.tolist(),
+        "output_token_ids": output.tolist(),
+    }
+    return json.dumps(record, separators=(",", ":")) + "\n"
+
+
+def outputs_path(log: Path) -> Path:
+    return log.with_name(log.name.removesuffix(".jsonl") + ".outputs.jsonl")
+
+
+def generate_layers(path: Path, routes: int, layers: int, seed: int = 1234) -> None:
+    """Write a log of ``routes`` route lines over ``layers`` layers (0..layers-1) as the hook
+    writes them (:mod:`moeprof.layout`'s template with the layer per row; each token's layers
+    on consecutive lines), and beside it (:func:`outputs_path`) the outputs file of the run:
+    one record per request whose token ids and counts match the log exactly (prompt +
+    generated - 1 routes per request and layer, no prefix caching).
+
+    The schedule is :func:`generate`'s: requests in waves of BATCH, each prompt prefilled in
+    a step of its own, then one decode step per round with one token per live request. The
+    last wave is cut at ``routes / layers`` tokens; a request cut there is recorded with what
+    it ran (cut in decode: fewer generated tokens; cut in its prefill: a shorter prompt and one
+    generated token).
+
+    Routes: per layer a different skew (Dirichlet loads with the concentration rising with the
+    layer), plus a favoured expert per token id and layer (:data:`TOKEN_BONUS`), per request and
+    layer (:data:`REQUEST_BONUS`), and one following the token's top-1 expert at the previous
+    layer (:data:`CROSS_BONUS`), so token, reuse and cross-layer analyses find something.
+    Token ids: Zipf-like over VOCAB ids (:data:`ZIPF_S`)."""
+    from moeprof.layout import format_routes, route_template
+
+    if routes % layers:
+        raise ValueError(f"--routes {routes} is not a multiple of --layers {layers}")
+    template = route_template(None, TOP_K)
+    rng = np.random.default_rng(seed)
+    alphas = np.geomspace(0.5, 2.0, layers)
+    logp = np.log(np.stack([rng.dirichlet(np.full(NUM_EXPERTS, a)) for a in alphas]))
+    follow = np.stack([rng.permutation(NUM_EXPERTS) for _ in range(layers)])
+    token_pref = rng.integers(0, NUM_EXPERTS, size=(layers, VOCAB))
+    rank_p = 1.0 / (np.arange(VOCAB) + 2.7) ** ZIPF_S
+    cdf = np.cumsum(rank_p / rank_p.sum())
+    cdf[-1] = 1.0
+    id_of_rank = rng.permutation(VOCAB)
+    layer_col = np.arange(layers)
+    outputs = outputs_path(path)
+    tmp, tmp_out = path.with_suffix(".part"), outputs.with_suffix(".part")
+    tokens_left = routes // layers
+    req = 0
+    engine_step = 0
+    with tmp.open("w") as f, tmp_out.open("w") as fo:
+        f.write(_meta_line(list(range(layers))))
+        while tokens_left > 0:
+            plens = rng.integers(60, 220, BATCH)
+            glens = rng.integers(40, 129, BATCH)
+            # (request, position, step) of every routed token, in the order the engine runs them
+            r_pre = np.repeat(np.arange(BATCH), plens)
+            t_pre = np.arange(len(r_pre)) - np.repeat(np.cumsum(plens) - plens, plens)
+            s_pre = engine_step + r_pre
+            engine_step += BATCH
+            rounds = int(glens.max()) - 1
+            live = np.arange(rounds)[:, None] < (glens - 1)[None, :]  # (round, request)
+            d_round, r_dec = np.nonzero(live)
+            t_dec = plens[r_dec] + d_round
+            s_dec = engine_step + d_round
+            engine_step += rounds
+            request = np.concatenate([r_pre, r_dec])[:tokens_left]
+            token_idx = np.concatenate([t_pre, t_dec])[:tokens_left]
+            steps = np.concatenate([s_pre, s_dec])[:tokens_left]
+            n = len(request)
+            prefill = np.arange(n) < len(r_pre)
+            tokens_left -= n
+            # what each request ran (the whole wave unless this is the cut one)
+            ran = np.bincount(request, minlength=BATCH)
+            prompt = np.minimum(plens, ran)
+            generated = np.where(ran > 0, ran - prompt + 1, 0)
+            seqs = np.searchsorted(cdf, rng.random(int((plens + glens).sum())))
+            seqs = id_of_rank[np.minimum(seqs, VOCAB - 1)]
+            starts = np.cumsum(plens + glens) - (plens + glens)
+            token = seqs[starts[request] + token_idx]
+            req_pref = rng.integers(0, NUM_EXPERTS, size=(BATCH, layers))
+            ids = np.empty((n, layers, TOP_K), np.int64)
+            weights = np.empty((n, layers, TOP_K), np.float32)
+            rows = np.arange(n)
+            for layer in range(layers):
+                scores = logp[layer] + rng.gumbel(size=(n, NUM_EXPERTS))
+                scores[rows, token_pref[layer, token]] += TOKEN_BONUS
+                scores[rows, req_pref[request, layer]] += REQUEST_BONUS
+                if layer:
+                    scores[rows, follow[layer - 1, ids[:, layer - 1, 0]]] += CROSS_BONUS
+                ids[:, layer], weights[:, layer] = _top_k(scores, rng)
+            req_json = np.array([json.dumps(str(req + r)) for r in range(BATCH)], dtype=object)
+            f.write(
+                format_routes(
+                    template,
+                    np.repeat(req_json[request], layers),
+                    np.repeat(token_idx, layers),
+                    ids.reshape(n * layers, TOP_K),
+                    weights.reshape(n * layers, TOP_K),
+                    np.repeat(prefill, layers),
+                    layer=np.tile(layer_col, n),
+                    step=np.repeat(steps, layers),
+                )
+            )
+            for r in np.nonzero(ran)[0]:
+                seq = seqs[starts[r] : starts[r] + prompt[r] + generated[r]]
+                fo.write(_outputs_line(str(req + r), seq[: prompt[r]], seq[prompt[r] :]))
+            req += BATCH
+    tmp_out.replace(outputs)
+    tmp.replace(path)
+
+
+def _worker(task: str, path: Path, outputs: Path | None = None) -> None:
     """Run one command on one log and print its timing and peak memory as JSON."""
     from moeprof.analysis.analyze import analyze_logs
+    from moeprof.analysis.passes import PassOptions, Skipped
     from moeprof.analysis.validate import validate_log
 
     baseline = _rss_mib()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    skipped: dict[str, str] = {}
     if task == "validate":
         report = validate_log(path)
         records = report.routes
         if not report.valid:
             raise SystemExit(f"synthetic log unexpectedly invalid: {report.errors[:3]}")
     else:
-        analysis = analyze_logs([path])
+        # analyze-full: the four extra analyses of `analyze --full --outputs F`;
+        # analyze:NAME: the default analysis plus that one pass (to see what each costs)
+        names = FULL_ANALYSES if task == "analyze-full" else tuple(task.split(":")[1:])
+        analysis = analyze_logs([path], analyses=names, options=PassOptions(outputs=outputs))
         records = analysis.logs[0].records
+        skipped = {
+            name: r.reason for name, r in analysis.logs[0].extras.items() if isinstance(r, Skipped)
+        }
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
     print(
         json.dumps(
             {
                 "task": task,
                 "records": records,
                 "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
                 "records_per_s": records / seconds,
+                "records_per_cpu_s": records / cpu_seconds,
+                "skipped": skipped,
                 "baseline_rss_mib": baseline,
                 "peak_rss_mib": _rss_mib(),
                 "bytes": path.stat().st_size,
@@ -174,17 +341,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--routes", type=int, action="append", help="log size(s); repeatable")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/moeprof-bench"))
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--tasks", default="validate,analyze")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="layers in the synthetic log (1: the one-layer log of the earlier tables; more: "
+        "each token's layers on consecutive lines, with an outputs file for analyze-full)",
+    )
+    parser.add_argument(
+        "--tasks",
+        default="validate,analyze",
+        help=f"comma-separated, of {', '.join(TASKS)}, or analyze:NAME (the default analysis "
+        f"plus one extra pass, NAME of {', '.join(FULL_ANALYSES)})",
+    )
     parser.add_argument(
         "--cold",
         action="store_true",
         help="do not read each log once before timing it (then the disk is timed too)",
     )
     parser.add_argument("--worker", nargs=2, metavar=("TASK", "LOG"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-outputs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker[0], Path(args.worker[1]))
+        _worker(args.worker[0], Path(args.worker[1]), args.worker_outputs)
         return
+    tasks = args.tasks.split(",")
+    for task in tasks:
+        name, *passes = task.split(":")
+        if task not in TASKS and not (name == "analyze" and set(passes) <= set(FULL_ANALYSES)):
+            parser.error(f"unknown task {task!r}")
+        if args.layers == 1 and (task == "analyze-full" or "tokens" in passes):
+            parser.error(f"{task} needs an outputs file: give --layers 2 or more")
+    if args.layers < 1:
+        parser.error("--layers must be at least 1")
 
     from rich.console import Console
     from rich.table import Table
@@ -193,18 +382,33 @@ def main(argv: list[str] | None = None) -> None:
     sizes = args.routes or [1_000_000, 10_000_000]
     args.dir.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.layers > 1:
+        for n in sizes:
+            if n % args.layers:
+                parser.error(f"--routes {n} is not a multiple of --layers {args.layers}")
     for n in sizes:
-        path = args.dir / LOG_NAME.format(routes=n)
-        if not path.exists():
+        if args.layers == 1:
+            path = args.dir / LOG_NAME.format(routes=n)
+            outputs = None
+        else:
+            path = args.dir / LAYERS_LOG_NAME.format(layers=args.layers, routes=n)
+            outputs = outputs_path(path)
+        if not path.exists() or (outputs is not None and not outputs.exists()):
             t0 = time.perf_counter()
-            console.print(f"generating {n:,} routes -> {path}")
-            generate(path, n)
+            console.print(f"generating {n:,} routes of {args.layers} layer(s) -> {path}")
+            if outputs is None:
+                generate(path, n)
+            else:
+                generate_layers(path, n, args.layers)
             console.print(f"  done in {time.perf_counter() - t0:.0f} s")
-        for task in args.tasks.split(","):
+        for task in tasks:
             if not args.cold:
                 _read_through(path)
+                if outputs is not None:
+                    _read_through(outputs)
+            extra = [] if outputs is None else ["--worker-outputs", str(outputs)]
             out = subprocess.run(
-                [sys.executable, __file__, "--worker", task, str(path)],
+                [sys.executable, __file__, "--worker", task, str(path), *extra],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -212,16 +416,21 @@ def main(argv: list[str] | None = None) -> None:
             )
             row = json.loads(out.stdout.strip().splitlines()[-1])
             row["routes"] = n
+            row["layers"] = args.layers
             row["log_in_page_cache"] = not args.cold
             results.append(row)
             console.print(
-                f"{task} {n:,}: {row['records_per_s'] / 1e6:.2f} M routes/s, "
+                f"{task} {n:,}: {row['records_per_s'] / 1e6:.2f} M routes/s wall, "
+                f"{row['records_per_cpu_s'] / 1e6:.2f} M per CPU second, "
                 f"peak RSS {row['peak_rss_mib']:.0f} MiB"
             )
+            for name, reason in row["skipped"].items():
+                console.print(f"  {name} skipped: {reason}")
 
     cache = "log read cold" if args.cold else "log in page cache"
-    table = Table(title=f"moeprof analysis throughput (1 process, 1 core, {cache})")
-    for col in ("command", "routes", "log size", "seconds", "routes/s", "peak RSS", "after import"):
+    table = Table(title=f"moeprof analysis throughput ({args.layers} layer(s), 1 process, {cache})")
+    columns = ("command", "routes", "log size", "seconds", "routes/s", "routes/CPU s")
+    for col in (*columns, "peak RSS", "after import"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in results:
         table.add_row(
@@ -230,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['bytes'] / 2**20:,.0f} MiB",
             f"{r['seconds']:.2f}",
             f"{r['records_per_s'] / 1e6:.2f} M",
+            f"{r['records_per_cpu_s'] / 1e6:.2f} M",
             f"{r['peak_rss_mib']:.0f} MiB",
             f"{r['baseline_rss_mib']:.0f} MiB",
         )
