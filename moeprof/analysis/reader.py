@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import codecs
 import gc
+import json
 import operator
 import os
+import stat
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -69,6 +71,9 @@ DECODERS: tuple[Decoder, ...] = get_args(Decoder)
 
 _PHASE_CODE: dict[str | None, int] = {None: NO_PHASE, **{p: i for i, p in enumerate(PHASES)}}
 _LONG_LINE = f"line longer than {BLOCK_BYTES >> 20} MiB: binary data or not a JSON Lines log"
+_PIPE = "cannot read from a pipe; save the log to a file first"
+_FIELD_KEYS = tuple(f'"{name}"'.encode() for name in schema.RouteRecord.model_fields)
+"""The route fields as JSON keys: a line may name each at most once (see :func:`_repeated_key`)."""
 
 Severity = Literal["error", "warning"]
 
@@ -295,9 +300,30 @@ def _json_type(line: bytes) -> object:
     """The ``type`` field of a JSON object line, or None (only used to word messages)."""
     try:
         obj = msgspec.json.decode(line)
-    except (msgspec.DecodeError, ValueError):
+    except (msgspec.DecodeError, ValueError, RecursionError):
         return None
     return obj.get("type") if isinstance(obj, dict) else None
+
+
+def _repeated_key(line: bytes) -> str | None:
+    """A route field named twice in the object of ``line`` (JSON parsers keep the last value,
+    so the line would silently read as something the writer may not have meant), else None.
+    The byte counts are the cheap test; only a line that may repeat one is parsed again."""
+    if b"\\u" not in line and not any(line.count(key) > 1 for key in _FIELD_KEYS):
+        return None
+    last: list[list[str]] = [[]]
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        last[0] = [k for k, _ in items]  # the outermost object is the last one closed
+        return dict(items)
+
+    try:
+        json.loads(line, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+    keys = last[0]
+    fields = schema.RouteRecord.model_fields
+    return next((k for k in fields if keys.count(k) > 1), None)
 
 
 class RouteLog:
@@ -312,7 +338,7 @@ class RouteLog:
         path: Path,
         meta: schema.MetaRecord | None,
         meta_issue: Issue | None,
-        routes_offset: int,
+        routes_offset: int | None,
         routes_first_line: int,
         decoder: Decoder = "auto",
     ) -> None:
@@ -394,11 +420,18 @@ class RouteLog:
         line = self._first_line
         self._skip_vector = 0
         self._on_decoded = on_decoded
+        if self._offset is None:  # line 1 was over the limit on a device: nothing more read
+            self.lines_read = line - 1
+            return
         try:
             f = self.path.open("rb")
         except OSError as e:
             raise LogError(f"{self.path}: cannot read: {e.strerror or e}") from e
         with f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+                raise LogError(f"{self.path}: {_PIPE}")
+            regular = stat.S_ISREG(mode)
             f.seek(self._offset)
             pad = self._parser.pad if self._parser is not None else 0
             buf = bytearray(BLOCK_BYTES + pad)  # the parser reads past a block's last line
@@ -410,8 +443,10 @@ class RouteLog:
             while True:
                 if fill == BLOCK_BYTES:
                     if not skipping:
-                        sink(Issue(line, _LONG_LINE))
+                        sink(Issue(line, _LONG_LINE if regular else _LONG_LINE + "; stopped"))
                     fill, skipping = 0, True
+                    if not regular:  # a device may never end the line (/dev/zero)
+                        break
                 got = f.readinto(memoryview(buf)[fill:BLOCK_BYTES])
                 if not got:
                     break
@@ -637,6 +672,8 @@ class RouteLog:
             raise _Reject
         if not schema.weights_valid(w64).all():
             raise _Reject
+        if self._maybe_repeated_key(data, n, phase, step):
+            raise _Reject
         req = np.fromiter(map(self._codes.__getitem__, req_names), np.int64, n)
         return RouteChunk(
             ids=ids,
@@ -649,6 +686,28 @@ class RouteLog:
             line=np.arange(first, first + n, dtype=np.int64) if lines is None else lines,
         )
 
+    def _maybe_repeated_key(
+        self, data: memoryview, n: int, phase: np.ndarray, step: np.ndarray
+    ) -> bool:
+        """Whether a line of ``data`` may name a route field twice (JSON decoders keep the last
+        value silently; pydantic then names the line). The cheap test first: each record has
+        at least one colon per field it holds, so with exactly that many colons in ``data`` no
+        line can hold a key twice. Only otherwise (extra fields, nulls, colons in strings) are
+        the field keys counted."""
+        a = np.frombuffer(data, np.uint8)
+        colons = int(np.count_nonzero(np.equal(a, 0x3A, out=self._scratch[: a.size])))
+        phases = int(np.count_nonzero(phase != NO_PHASE))
+        steps = int(np.count_nonzero(step != NO_STEP))
+        if colons <= 6 * n + phases + steps:
+            return False
+        raw = bytes(data)
+        if b"\\u" in raw:  # a key may be spelled with escapes
+            return True
+        # every line holds each required key at least once, so n of each means once a line;
+        # an optional key may be on no more lines than have a value for it (a null: pydantic)
+        most = dict.fromkeys(_FIELD_KEYS, n) | {b'"phase"': phases, b'"step"': steps}
+        return any(raw.count(key) > m for key, m in most.items())
+
     def _msgspec_columns(self, data: memoryview, n: int, k: int) -> tuple[np.ndarray, ...]:
         """Decode ``n`` lines with msgspec and turn the records into columns. Runs with the GC
         paused and drops the records before returning, so no collection ever scans them."""
@@ -656,7 +715,7 @@ class RouteLog:
             raise _Reject
         try:
             recs = self._msgspec.decode_lines(data)  # type: ignore[union-attr]
-        except (msgspec.DecodeError, ValueError) as e:
+        except (msgspec.DecodeError, ValueError, RecursionError) as e:
             raise _Reject from e
         if len(recs) != n:  # a line holding two records
             raise _Reject
@@ -699,6 +758,10 @@ class RouteLog:
             rec = schema.parse_route(raw, self.meta)
         except ValidationError as e:
             sink(Issue(lineno, _route_reason(raw, e)))
+            return None
+        repeated = _repeated_key(raw)
+        if repeated:
+            sink(Issue(lineno, f"repeated key '{repeated}' in one record: which value holds?"))
             return None
         problem = schema.range_problem(
             rec.token_idx, rec.layer, rec.topk_ids, rec.topk_weights, rec.step
@@ -745,6 +808,8 @@ def open_log(path: str | Path, *, require_meta: bool = True, decoder: Decoder = 
     such a log opens with ``meta=None`` and the reason in ``meta_issue``. ``decoder`` limits
     the decoders its passes use (:data:`Decoder`; the default is the fastest that applies).
     """
+    if str(path) == "-":
+        raise LogError(f"-: {_PIPE}")
     path = Path(path)
     try:
         f = path.open("rb")
@@ -755,11 +820,26 @@ def open_log(path: str | Path, *, require_meta: bool = True, decoder: Decoder = 
     except OSError as e:
         raise LogError(f"{path}: cannot read: {e.strerror or e}") from e
     with f:
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):  # one pass only, and chunks() seeks
+            raise LogError(f"{path}: {_PIPE}")
         first = f.readline(BLOCK_BYTES)
-        offset = f.tell()
+        offset: int | None = None
+        if not first.endswith(b"\n") and len(first) == BLOCK_BYTES:
+            # over the limit: in a file (finite) routes start after it, skipped in bounded
+            # pieces; on a device such as /dev/zero the line may never end: nothing more is read
+            rest = first
+            while stat.S_ISREG(mode) and len(rest) == BLOCK_BYTES and not rest.endswith(b"\n"):
+                rest = f.readline(BLOCK_BYTES)
+        if stat.S_ISREG(mode) or first.endswith(b"\n") or len(first) < BLOCK_BYTES:
+            try:
+                offset = f.tell()
+            except OSError as e:  # a terminal or another stream that cannot seek
+                raise LogError(f"{path}: {_PIPE}") from e
     meta: schema.MetaRecord | None = None
     issue: Issue | None = None
-    routes_offset, routes_line = offset, 2
+    routes_offset: int | None = offset
+    routes_line = 2
     if not first:
         issue = Issue(1, "empty file: expected a meta record on line 1")
     elif not first.endswith(b"\n") and len(first) == BLOCK_BYTES:
