@@ -26,6 +26,7 @@ from moeprof.analysis.contamination import (
     route_fingerprints,
     vllm_batch_size,
 )
+from moeprof.analysis.reader import RouteLog
 from moeprof.render.note import markdown_note
 
 PREFILL_BATCH = 1007
@@ -325,3 +326,75 @@ def test_suspect_filter_needs_no_fingerprints_when_nothing_was_double_logged() -
     assert f._last is None
     drop = f.mask(*(cols[k] for k in ("group", "token_idx", "layer", "ids", "weights", "line")))
     assert drop[:DUMMY].all() and not drop[DUMMY:].any()
+
+
+# --------------------------------------------------------------------------- two passes
+
+_COLUMNS = ("group", "token_idx", "layer", "ids", "weights", "line")
+
+
+def _verdict(cols: dict[str, np.ndarray], size: int, *, reread: bool) -> tuple[object, int]:
+    """(verdict, times the detector saw the columns) in chunks of ``size`` rows."""
+    det = ContaminationDetector(min_run=64, layers=int(cols["group"].max()) + 1, reread=reread)
+    chunks = [slice(a, a + size) for a in range(0, cols["line"].size, size)]
+    for s in chunks:
+        det.add(*(cols[k][s] for k in _COLUMNS))
+    passes = 1
+    if det.needs_reread:
+        with pytest.raises(RuntimeError, match="reread"):
+            det.finish()
+        passes += 1
+        for s in chunks:
+            det.reread(*(cols[k][s] for k in _COLUMNS))
+    assert not det.needs_reread
+    return det.finish(), passes
+
+
+@pytest.mark.parametrize("layers", [(0,), (0, 5)])
+def test_the_reread_detector_classifies_repeated_keys_as_the_one_pass_one_does(
+    layers: tuple[int, ...],
+) -> None:
+    cols = foreign_columns(layers)
+    for size in (cols["line"].size, 4096, 700, 63):
+        one, one_passes = _verdict(cols, size, reread=False)
+        two, two_passes = _verdict(cols, size, reread=True)
+        assert (one_passes, two_passes) == (1, 2)
+        assert two == one
+    # double logging too: the foreign log's real part written twice, after its dummy runs
+    real = slice(len(layers) * DUMMY, None)
+    twice = {k: np.concatenate([cols[k], cols[k][real]]) if k != "line" else None for k in _COLUMNS}
+    twice["line"] = np.arange(2, twice["group"].size + 2)
+    one, _ = _verdict(twice, 1000, reread=False)
+    two, _ = _verdict(twice, 1000, reread=True)
+    assert two == one and two.repeated_keys.total == one.repeated_keys.total > 0
+
+
+def test_a_hook_log_is_read_once_and_repeated_keys_once_more(
+    tmp_path: Path, foreign: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = []
+    chunks = RouteLog.chunks
+
+    def counted(self: RouteLog, *args: object, **kwargs: object) -> object:
+        reads.append(self.path)
+        return chunks(self, *args, **kwargs)
+
+    monkeypatch.setattr(RouteLog, "chunks", counted)
+
+    def times_read(path: Path, **kwargs: object) -> int:
+        reads.clear()
+        analyze_log(path, **kwargs)  # type: ignore[arg-type]
+        return len(reads)
+
+    clean = skewed_routes(n_requests=8, prompt=50, generated=30, seed=5, layers=(3, 12))
+    hook = write_log(tmp_path / "hook.jsonl", clean, meta(layers_logged=[3, 12]))
+    assert times_read(hook) == 1
+    assert times_read(hook, exclude_suspect=True) == 2  # the exclusion pass; nothing to reread
+    # keys repeated only inside a dummy run (one key for the whole batch) need no second look
+    one_layer = skewed_routes(n_requests=8, prompt=50, generated=30, seed=5)
+    dummy = [route("9", 0, ids=[1, 2, 3, 4], weights=[0.4, 0.3, 0.2, 0.1]) for _ in range(300)]
+    assert times_read(write_log(tmp_path / "dummy.jsonl", dummy + one_layer)) == 1
+    twice = [r for rec in one_layer for r in ([rec, rec] if rec["req_id"] == "3" else [rec])]
+    assert times_read(write_log(tmp_path / "twice.jsonl", twice)) == 2
+    assert times_read(foreign) == 2
+    assert times_read(foreign, exclude_suspect=True) == 3

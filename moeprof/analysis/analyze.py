@@ -3,7 +3,8 @@ JSON form; several logs are compared layer by layer.
 
 A log is read once into one :class:`~moeprof.analysis.accumulate.RoutingAccumulator` per
 (layer, phase), with a :class:`~moeprof.analysis.contamination.ContaminationDetector` watching
-the same chunks; with ``exclude_suspect`` a second pass re-reads it without the suspect records.
+the same chunks (and, only when keys repeat outside dummy runs, once more to compare their
+routes); with ``exclude_suspect`` a further pass re-reads it without the suspect records.
 ``layers`` keeps only the chosen layers in the result (the log is still read, and checked for
 contamination, whole). The terminal table and the markdown note are in :mod:`moeprof.render`.
 """
@@ -308,8 +309,10 @@ def _read_routes(
     exclude_suspect: bool,
     min_run: int,
 ) -> _Tally:
-    """Fold the log's routes into ``sums``: in one pass, or with ``exclude_suspect`` in a second
-    pass that leaves out what the first pass's contamination detector flagged."""
+    """Fold the log's routes into ``sums``: in one pass, or with ``exclude_suspect`` in a later
+    pass that leaves out what the first pass's contamination detector flagged. When keys repeat
+    outside dummy runs (foreign logs, double logging), the detector sees the log a second time
+    to tell double logging from key collisions by the repeated keys' routes."""
 
     def strict(issue: Issue) -> None:
         if issue.severity == "error":
@@ -320,8 +323,10 @@ def _read_routes(
         if issue.severity == "error":
             strict(issue)
 
-    detector = ContaminationDetector(min_run, layers=len(log.layers))
+    detector = ContaminationDetector(min_run, layers=len(log.layers), reread=True)
     records = _scan(log, strict, detector, None if exclude_suspect else sums, passes)
+    if detector.needs_reread:  # keys repeat outside dummy runs: not in a hook's logs
+        _reread(log, errors_only, detector)
     contamination = detector.finish()
     if not exclude_suspect:
         return _Tally(contamination, records, excluded=0)
@@ -351,6 +356,14 @@ def _scan(
                 p.add(chunk)
             records += len(chunk)
     return records
+
+
+def _reread(log: RouteLog, on_issue: IssueSink, detector: ContaminationDetector) -> None:
+    """Show the log again to ``detector``, which sorts the repeated keys it found by route."""
+    for chunk in log.chunks(on_issue):
+        detector.reread(
+            log.groups(chunk), chunk.token_idx, chunk.layer, chunk.ids, chunk.weights, chunk.line
+        )
 
 
 def _rescan_without_suspects(

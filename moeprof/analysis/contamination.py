@@ -33,13 +33,17 @@ copy). Only dummy runs are then excluded.
 "Same route" compares a 32-bit fingerprint of the route (:func:`route_fingerprints`): two
 different routes are taken for the same with probability 2**-32 per comparison.
 
-Memory: the route fingerprint last logged under each key, 4 bytes per (request, layer,
-position), in per-(request, layer) regions that grow by doubling, in a buffer compacted when it
-grows (:class:`LastRoutes`): 5 bytes per route on a 1M-route hook-like log, at most ~16 (about
-50 MB per 10M routes, 160 MB at worst). Besides: 8 bytes per (request, layer) for
-``token_idx`` restarts and one small record per run found. The fingerprints are freed when the
-verdict is out; the second pass of ``--exclude-suspect`` builds them again only when the first
-found double logging.
+Memory: ``analyze`` reads the log with a ``reread=True`` detector
+(:class:`ContaminationDetector`): 1 bit per (request, layer, position) key
+(:class:`~moeprof.analysis.positions.PositionSet`, about 2.5 MB per 10M routes) to find the
+keys that repeat, and those keys (8 bytes each). Only when keys repeat outside dummy runs (a
+hook's logs have none, unless written twice) is the log read a second time, keeping the route
+fingerprint last logged under each repeated key (:class:`KeyedRoutes`, 12 bytes per repeated
+key) to tell double logging from key collisions. Besides: 8 bytes per (request, layer) for
+``token_idx`` restarts and one small record per run found. The one-pass detector (the default)
+keeps a fingerprint for every key instead (:class:`LastRoutes`, 4-16 bytes per key). The
+exclusion pass of ``--exclude-suspect`` keeps fingerprints for the repeated keys only when
+double logging was found.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from typing import Literal
 
 import numpy as np
 
-from moeprof.analysis.positions import _concat_ranges
+from moeprof.analysis.positions import PositionSet, _concat_ranges
 
 DEGENERATE_SHARE = 0.05
 """Key collisions (a key repeated with a different route, its previous record not a dummy)
@@ -314,22 +318,7 @@ class LastRoutes:
 
     def _exchange_near(self, group: np.ndarray, pos: np.ndarray, fp: np.ndarray) -> np.ndarray:
         self._ensure(group, pos)
-        slot = self._base[group] + pos
-        order = np.argsort(slot, kind="stable")
-        s = slot[order]
-        f = fp[order]
-        first = np.ones(s.size, bool)
-        first[1:] = s[1:] != s[:-1]
-        prev_sorted = np.empty(s.size, np.uint32)
-        prev_sorted[first] = self._buf[s[first]]
-        later = np.flatnonzero(~first)
-        prev_sorted[later] = f[later - 1]
-        last = np.ones(s.size, bool)
-        last[:-1] = first[1:]
-        self._buf[s[last]] = f[last]
-        prev = np.empty(s.size, np.uint32)
-        prev[order] = prev_sorted
-        return prev
+        return _exchange_slots(self._buf, self._base[group] + pos, fp)
 
     def _ensure(self, group: np.ndarray, pos: np.ndarray) -> None:
         """Room for every (group, pos): new groups, and regions grown to hold the positions."""
@@ -365,6 +354,125 @@ class LastRoutes:
         buf = np.zeros(max(2 * live, 1 << 16), np.uint32)
         buf[_concat_ranges(base, self._cap)] = self._buf[_concat_ranges(self._base, self._cap)]
         self._buf, self._base, self._cap, self._used = buf, base, cap, live
+
+
+def _exchange_slots(buf: np.ndarray, slot: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """Write fingerprints ``fp`` (rows in file order) to ``buf[slot]``; returns what each row's
+    slot held before it (an earlier call's value or an earlier row's of this one)."""
+    order = np.argsort(slot, kind="stable")
+    s = slot[order]
+    f = fp[order]
+    first = np.ones(s.size, bool)
+    first[1:] = s[1:] != s[:-1]
+    prev_sorted = np.empty(s.size, np.uint32)
+    prev_sorted[first] = buf[s[first]]
+    later = np.flatnonzero(~first)
+    prev_sorted[later] = f[later - 1]
+    last = np.ones(s.size, bool)
+    last[:-1] = first[1:]
+    buf[s[last]] = f[last]
+    prev = np.empty(s.size, np.uint32)
+    prev[order] = prev_sorted
+    return prev
+
+
+_FAR = PositionSet.FAR
+"""Positions from here on are kept as (group, position) tuples; below, a key is one int64,
+``group * _FAR + position``."""
+
+
+class _KeySet:
+    """A growing set of (group, position) keys: a sorted int64 array, new keys pending in a
+    list and merged when they outnumber it (so its memory follows the distinct keys added)."""
+
+    def __init__(self) -> None:
+        self._keys = np.zeros(0, np.int64)
+        self._pending: list[np.ndarray] = []
+        self._pending_size = 0
+        self.far: set[tuple[int, int]] = set()
+
+    def add(self, group: np.ndarray, pos: np.ndarray) -> None:
+        if group.size == 0:
+            return
+        group = group.astype(np.int64, copy=False)
+        pos = pos.astype(np.int64, copy=False)
+        near = pos < _FAR
+        if not near.all():
+            for i in np.flatnonzero(~near).tolist():
+                self.far.add((int(group[i]), int(pos[i])))
+            group, pos = group[near], pos[near]
+        keys = group * _FAR + pos
+        self._pending.append(keys)
+        self._pending_size += keys.size
+        if self._pending_size > max(self._keys.size, 1 << 16):
+            self._merge()
+
+    def _merge(self) -> None:
+        if self._pending:
+            self._keys = np.unique(np.concatenate([self._keys, *self._pending]))
+            self._pending, self._pending_size = [], 0
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The near keys, sorted, each once."""
+        self._merge()
+        return self._keys
+
+    def __len__(self) -> int:
+        return int(self.keys.size) + len(self.far)
+
+
+class KeyedRoutes:
+    """The fingerprint of the route last logged under each of a fixed set of (group, position)
+    keys (those :class:`_KeySet` found repeated): 4 bytes and an 8-byte key per key in the set;
+    rows with other keys are passed over."""
+
+    def __init__(self, keys: _KeySet) -> None:
+        self._keys = keys.keys
+        self._fp = np.zeros(self._keys.size, np.uint32)
+        self._far = dict.fromkeys(keys.far, 0)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._keys.nbytes + self._fp.nbytes)
+
+    def exchange(
+        self, group: np.ndarray, pos: np.ndarray, ids: np.ndarray, weights: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log the routes of the rows (in file order) whose key is in the set: (those rows,
+        their route fingerprints, the fingerprint their key held before each, 0 for a key's
+        first record)."""
+        n = group.size
+        empty = np.zeros(0, np.int64), np.zeros(0, np.uint32), np.zeros(0, np.uint32)
+        if n == 0 or (self._keys.size == 0 and not self._far):
+            return empty
+        group = group.astype(np.int64, copy=False)
+        pos = pos.astype(np.int64, copy=False)
+        near = pos < _FAR
+        keys = group * _FAR + np.where(near, pos, 0)
+        idx = np.searchsorted(self._keys, keys)
+        np.minimum(idx, self._keys.size - 1, out=idx)
+        member = near & (self._keys[idx] == keys) if self._keys.size else np.zeros(n, bool)
+        if self._far and not near.all():
+            for i in np.flatnonzero(~near).tolist():
+                member[i] = (int(group[i]), int(pos[i])) in self._far
+        rows = np.flatnonzero(member)
+        if rows.size == 0:
+            return empty
+        fp = route_fingerprints(ids[rows], weights[rows])
+        prev = np.zeros(rows.size, np.uint32)
+        is_near = near[rows]
+        if is_near.all():
+            prev = _exchange_slots(self._fp, idx[rows], fp)
+        else:
+            nr = np.flatnonzero(is_near)
+            if nr.size:
+                prev[nr] = _exchange_slots(self._fp, idx[rows[nr]], fp[nr])
+            for j in np.flatnonzero(~is_near).tolist():
+                key = (int(group[rows[j]]), int(pos[rows[j]]))
+                prev[j] = self._far[key]
+                self._far[key] = int(fp[j])
+        return rows, fp, prev
 
 
 class _Restarts:
@@ -431,30 +539,50 @@ class ContaminationDetector:
 
     ``layers`` is the number of logged layers (group codes are ``req * layers + slot``, as
     :meth:`RouteLog.groups` makes them), so that distinct req_ids can be counted.
+
+    By default the detector keeps the route fingerprint last logged under every key
+    (:class:`LastRoutes`) and :meth:`finish` gives the verdict after one pass. With
+    ``reread=True`` it keeps one bit per key (:class:`~moeprof.analysis.positions.PositionSet`)
+    and the keys that repeat: when, after the pass, :attr:`needs_reread` says that keys repeat
+    outside dummy runs, show the same log again to :meth:`reread`, chunk by chunk in file order
+    (fingerprints are then kept for the repeated keys only), before :meth:`finish`. The verdict
+    is the same either way.
     """
 
-    def __init__(self, min_run: int = 64, layers: int = 1) -> None:
+    def __init__(self, min_run: int = 64, layers: int = 1, *, reread: bool = False) -> None:
         if min_run < 2:
             raise ValueError(f"`min_run` must be >= 2, got {min_run}")
         if layers < 1:
             raise ValueError(f"`layers` must be >= 1, got {layers}")
         self.min_run = min_run
         self.layers = layers
-        self._last: LastRoutes | None = LastRoutes()
+        self._rereads = reread
+        self._last: LastRoutes | None = None if reread else LastRoutes()
+        self._seen: PositionSet | None = PositionSet() if reread else None
+        self._repeated = _KeySet()
+        """Keys an earlier record had (for the second pass and for :class:`SuspectFilter`)."""
         self._restarts = _Restarts()
         self._records = 0
         self._groups = 0
-        self._flags = np.zeros(3, np.int64)
-        """Repeat flags of every record so far, dummy or not."""
-        self._run_flags = np.zeros(3, np.int64)
+        width = 1 if reread else 3
+        self._flags = np.zeros(width, np.int64)
+        """Repeat flags of every record so far, dummy or not: with ``reread`` one column
+        (repeats a key), else three (same route, different after a dummy, different)."""
+        self._run_flags = np.zeros(width, np.int64)
         """Repeat flags of the records in dummy runs (subtracted at the end)."""
         self._open: dict[int, _OpenRun] = {}
         self._runs: list[Run] = []
         self._run_records = 0
         self._lengths: dict[int, int] = {}
         self._longest: Run | None = None
-        self._dummy_fps: dict[int, set[int]] = {}
+        self._dummy_fps: dict[int, dict[int, int]] = {}
+        """Layer -> dummy route fingerprint -> the first line of the chunk it was found in
+        (from there on a repeated key whose previous route is that one counts as after a
+        dummy)."""
         self._dummy_fp_arrays: dict[int, np.ndarray] = {}
+        self._first_pass_done = False
+        self._reread: _Reread | None = None
+        self._reread_flags = np.zeros(3, np.int64)
         self.verdict: Contamination | None = None
 
     def add(
@@ -470,21 +598,39 @@ class ContaminationDetector:
         n = group.size
         if n == 0:
             return
-        if self._last is None:
-            raise RuntimeError("add() after finish()")
+        if self._first_pass_done:
+            raise RuntimeError("add() after the pass ended (needs_reread, reread() or finish())")
         self._records += n
         self._groups = max(self._groups, int(group.max()) + 1)
         self._restarts.add(group, token_idx)
-        fp = route_fingerprints(ids, weights)
-        prev = self._last.exchange(group, token_idx, fp)
+        chunk_start = int(line[0])
         layers = np.unique(layer)
+        if self._seen is not None:
+            fp = None
+            dup = self._seen.add(group, token_idx)
+            repeat = np.flatnonzero(dup)
+            flags = None
+            if repeat.size:
+                flags = dup.astype(np.int64)[:, None]
+                self._flags[0] += repeat.size
+                self._repeated.add(group[repeat], token_idx[repeat])
+        else:
+            assert self._last is not None
+            fp = route_fingerprints(ids, weights)
+            prev = self._last.exchange(group, token_idx, fp)
+            repeat = np.flatnonzero(prev)
+            if repeat.size:
+                self._repeated.add(group[repeat], token_idx[repeat])
         plans = []
         for lay in layers.tolist():
             rows = None if layers.size == 1 else np.flatnonzero(layer == lay)
-            plans.append((int(lay), self._split(int(lay), rows, ids, weights, fp, line)))
-        flags = self._repeat_flags(prev, fp, layer)
-        if flags is not None:
-            self._flags += flags.sum(axis=0)
+            plans.append(
+                (int(lay), self._split(int(lay), rows, ids, weights, fp, line, chunk_start))
+            )
+        if fp is not None:
+            flags = self._repeat_flags(prev, fp, layer)
+            if flags is not None:
+                self._flags += flags.sum(axis=0)
         for lay, plan in plans:
             self._settle(lay, plan, flags, line)
 
@@ -494,13 +640,23 @@ class ContaminationDetector:
         rows: np.ndarray | None,
         ids: np.ndarray,
         w: np.ndarray,
-        fp: np.ndarray,
+        fp: np.ndarray | None,
         line: np.ndarray,
+        chunk_start: int,
     ) -> _Plan:
         """Find where one layer's rows of the chunk change route; note the runs that end here
-        (their routes are dummy routes from now on) and open the chunk's last run."""
+        (their routes are dummy routes from now on) and open the chunk's last run. ``fp``: the
+        rows' route fingerprints, None to work out only those needed."""
         if rows is not None:
-            ids, w, fp, line = ids[rows], w[rows], fp[rows], line[rows]
+            ids, w, line = ids[rows], w[rows], line[rows]
+            if fp is not None:
+                fp = fp[rows]
+
+        def fp_at(i: int) -> int:
+            if fp is not None:
+                return int(fp[i])
+            return int(route_fingerprints(ids[i : i + 1], w[i : i + 1])[0])
+
         n = ids.shape[0]
         same = np.empty(n, bool)
         same[1:] = _rows_equal_next(ids) & _rows_equal_next(w)
@@ -518,24 +674,30 @@ class ContaminationDetector:
             cur.last_line = int(line[head - 1])
         closed = cur is not None and starts.size > 0
         if closed and cur is not None and cur.length >= self.min_run:
-            self._note_dummy_route(layer, cur.fp)
+            self._note_dummy_route(layer, cur.fp, chunk_start)
         seg_len = np.diff(bounds)
         long_segments = np.flatnonzero(seg_len[:-1] >= self.min_run).tolist() if starts.size else []
         for s in long_segments:
-            self._note_dummy_route(layer, int(fp[bounds[s]]))
+            self._note_dummy_route(layer, fp_at(int(bounds[s])), chunk_start)
         opened = None
         if starts.size:
             a = int(starts[-1])
             opened = _OpenRun(
-                ids[a].copy(), w[a].copy(), int(fp[a]), n - a, int(line[a]), int(line[n - 1])
+                ids[a].copy(),
+                w[a].copy(),
+                fp_at(a),
+                n - a,
+                int(line[a]),
+                int(line[n - 1]),
+                np.zeros(self._flags.size, np.int64),
             )
             self._open[layer] = opened
         return _Plan(rows, bounds, head, cur, closed, long_segments, opened)
 
-    def _note_dummy_route(self, layer: int, fp: int) -> None:
-        fps = self._dummy_fps.setdefault(layer, set())
+    def _note_dummy_route(self, layer: int, fp: int, chunk_start: int) -> None:
+        fps = self._dummy_fps.setdefault(layer, {})
         if fp not in fps:
-            fps.add(fp)
+            fps[fp] = chunk_start
             self._dummy_fp_arrays[layer] = np.fromiter(fps, np.uint32, len(fps))
 
     def _repeat_flags(
@@ -565,15 +727,16 @@ class ContaminationDetector:
         """Add the chunk's repeat flags to the runs :meth:`_split` found, and record the runs
         that ended and are long enough."""
         bounds, head = plan.bounds, plan.head
+        width = self._flags.size
         if flags is None:
             cum = None
         else:
             f = flags if plan.rows is None else flags[plan.rows]
-            cum = np.zeros((f.shape[0] + 1, 3), np.int64)
+            cum = np.zeros((f.shape[0] + 1, width), np.int64)
             np.cumsum(f, axis=0, out=cum[1:])
 
         def between(a: int, b: int) -> np.ndarray:
-            return np.zeros(3, np.int64) if cum is None else cum[b] - cum[a]
+            return np.zeros(width, np.int64) if cum is None else cum[b] - cum[a]
 
         cur = plan.continued
         if cur is not None and head:
@@ -600,16 +763,74 @@ class ContaminationDetector:
         if self._longest is None or run.length > self._longest.length:
             self._longest = run
 
-    def finish(self) -> Contamination:
-        """Close open runs and return the verdict (also kept as ``verdict``); call once, after
-        the last chunk."""
-        if self.verdict is not None:
-            return self.verdict
+    def _end_first_pass(self) -> None:
+        """Close the open runs and free the per-key memory of the pass (once)."""
+        if self._first_pass_done:
+            return
+        self._first_pass_done = True
         for layer, run in self._open.items():
             self._close(layer, run)
         self._open.clear()
         self._last = None  # the fingerprints are not needed any more: free them
-        outside = self._flags - self._run_flags
+        self._seen = None
+
+    @property
+    def needs_reread(self) -> bool:
+        """After the pass (it ends it: no more :meth:`add`): whether repeated keys outside
+        dummy runs need the log shown again to :meth:`reread` before :meth:`finish`. Only with
+        ``reread=True``, and never for a log whose keys do not repeat."""
+        self._end_first_pass()
+        if not self._rereads or self.verdict is not None:
+            return False
+        outside = int(self._flags[0] - self._run_flags[0])
+        return outside > 0 and (self._reread is None or not self._reread.complete)
+
+    def reread(
+        self,
+        group: np.ndarray,
+        token_idx: np.ndarray,
+        layer: np.ndarray,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        line: np.ndarray,
+    ) -> None:
+        """The second pass (when :attr:`needs_reread`): the same log, every chunk in file
+        order. Sorts the records outside dummy runs that repeat a key by how their route
+        compares with the key's previous record's."""
+        if not self._rereads:
+            raise RuntimeError("reread() needs a detector made with reread=True")
+        self._end_first_pass()
+        if self.verdict is not None:
+            raise RuntimeError("reread() after finish()")
+        if self._reread is None:
+            self._reread = _Reread(
+                KeyedRoutes(self._repeated),
+                _runs_by_layer(self._runs),
+                {
+                    lay: (np.fromiter(fps, np.uint32), np.fromiter(fps.values(), np.int64))
+                    for lay, fps in self._dummy_fps.items()
+                },
+                self._records,
+            )
+        if group.size:
+            self._reread_flags += self._reread.add(group, token_idx, layer, ids, weights, line)
+
+    def finish(self) -> Contamination:
+        """Close open runs and return the verdict (also kept as ``verdict``); call once, after
+        the last chunk (of the second pass when :attr:`needs_reread` asked for one)."""
+        if self.verdict is not None:
+            return self.verdict
+        if self.needs_reread:
+            raise RuntimeError(
+                "finish() before reread(): keys repeat outside dummy runs, so the log must be "
+                "shown to reread() first"
+            )
+        if self._reread is not None and self._reread.seen != self._records:
+            raise RuntimeError(
+                f"reread() saw {self._reread.seen:,} records, the pass {self._records:,}"
+            )
+        self._reread = None
+        outside = self._reread_flags if self._rereads else self._flags - self._run_flags
         same, after, other = (int(x) for x in outside)
         real = self._records - self._run_records
         degenerate = degenerate_keys(other, real)
@@ -635,6 +856,101 @@ class ContaminationDetector:
     @property
     def runs(self) -> list[Run]:
         return self._runs
+
+    @property
+    def repeated_keys(self) -> _KeySet:
+        """The keys some record repeated (dummy or not)."""
+        return self._repeated
+
+
+_RunsByLayer = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def _runs_by_layer(runs: list[Run]) -> _RunsByLayer:
+    """Layer -> (first lines, last lines) of its runs, in line order."""
+    by_layer: dict[int, list[Run]] = {}
+    for run in runs:
+        by_layer.setdefault(run.layer, []).append(run)
+    out = {}
+    for layer, rs in by_layer.items():
+        rs.sort(key=lambda r: r.first_line)
+        first = np.array([r.first_line for r in rs], np.int64)
+        last = np.array([r.last_line for r in rs], np.int64)
+        out[layer] = (first, last)
+    return out
+
+
+def _in_runs(runs: _RunsByLayer, layer: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """True for the rows inside a run of their layer."""
+    inside = np.zeros(line.size, bool)
+    for lay, (first, last) in runs.items():
+        rows = np.flatnonzero(layer == lay)
+        if not rows.size:
+            continue
+        ln = line[rows]
+        k = np.searchsorted(first, ln, side="right") - 1
+        inside[rows[(k >= 0) & (ln <= last[np.maximum(k, 0)])]] = True
+    return inside
+
+
+class _Reread:
+    """The second pass of a ``reread=True`` detector: route fingerprints of the repeated keys
+    only, the pass's dummy runs, and when each dummy route was found."""
+
+    def __init__(
+        self,
+        last: KeyedRoutes,
+        runs: _RunsByLayer,
+        dummy_fps: dict[int, tuple[np.ndarray, np.ndarray]],
+        records: int,
+    ) -> None:
+        self._last = last
+        self._runs = runs
+        self._dummy = {}
+        for lay, (fps, since) in dummy_fps.items():
+            order = np.argsort(fps)
+            self._dummy[lay] = (fps[order], since[order])
+        self.records = records
+        self.seen = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.seen >= self.records
+
+    def add(
+        self,
+        group: np.ndarray,
+        pos: np.ndarray,
+        layer: np.ndarray,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        line: np.ndarray,
+    ) -> np.ndarray:
+        """The chunk's (same route, different after a dummy, different) counts outside runs."""
+        self.seen += group.size
+        counts = np.zeros(3, np.int64)
+        rows, fp, prev = self._last.exchange(group, pos, ids, weights)
+        repeat = prev != 0
+        if not repeat.any():
+            return counts
+        rows, fp, prev = rows[repeat], fp[repeat], prev[repeat]
+        lay, ln = layer[rows], line[rows]
+        outside = ~_in_runs(self._runs, lay, ln)
+        fp, prev, lay, ln = fp[outside], prev[outside], lay[outside], ln[outside]
+        same = prev == fp
+        counts[_SAME] = int(np.count_nonzero(same))
+        diff = np.flatnonzero(~same)
+        after = np.zeros(diff.size, bool)
+        lay_d, prev_d, ln_d = lay[diff], prev[diff], ln[diff]
+        for dl, (fps, since) in self._dummy.items():
+            sel = np.flatnonzero(lay_d == dl)
+            if not sel.size:
+                continue
+            i = np.minimum(np.searchsorted(fps, prev_d[sel]), fps.size - 1)
+            after[sel] = (fps[i] == prev_d[sel]) & (since[i] <= ln_d[sel])
+        counts[_AFTER_DUMMY] = int(np.count_nonzero(after))
+        counts[_OTHER] = diff.size - counts[_AFTER_DUMMY]
+        return counts
 
 
 def _rows_equal_next(a: np.ndarray) -> np.ndarray:
@@ -664,16 +980,8 @@ class SuspectFilter:
 
     def __init__(self, detector: ContaminationDetector) -> None:
         verdict = detector.finish()
-        by_layer: dict[int, list[Run]] = {}
-        for run in detector.runs:
-            by_layer.setdefault(run.layer, []).append(run)
-        self._runs = {}
-        for layer, runs in by_layer.items():
-            runs.sort(key=lambda r: r.first_line)
-            first = np.array([r.first_line for r in runs], np.int64)
-            last = np.array([r.last_line for r in runs], np.int64)
-            self._runs[layer] = (first, last)
-        self._last = LastRoutes() if verdict.double_logged_records else None
+        self._runs = _runs_by_layer(detector.runs)
+        self._last = KeyedRoutes(detector.repeated_keys) if verdict.double_logged_records else None
 
     def mask(
         self,
@@ -685,17 +993,8 @@ class SuspectFilter:
         line: np.ndarray,
     ) -> np.ndarray:
         """True for rows to drop; call once per chunk, with every chunk, in file order."""
-        drop = np.zeros(group.size, bool)
-        for lay, (first, last) in self._runs.items():
-            rows = np.flatnonzero(layer == lay)
-            if not rows.size:
-                continue
-            ln = line[rows]
-            k = np.searchsorted(first, ln, side="right") - 1
-            inside = (k >= 0) & (ln <= last[np.maximum(k, 0)])
-            drop[rows[inside]] = True
+        drop = _in_runs(self._runs, layer, line)
         if self._last is not None and group.size:
-            fp = route_fingerprints(ids, weights)
-            prev = self._last.exchange(group, token_idx, fp)
-            drop |= prev == fp
+            rows, fp, prev = self._last.exchange(group, token_idx, ids, weights)
+            drop[rows[prev == fp]] = True
         return drop
