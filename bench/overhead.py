@@ -36,6 +36,9 @@ Quick look (25 questions; short passes, so per-step noise shows more):
 
     python bench/overhead.py --prompts 25 --pairs 3 --json bench/results/overhead_cpu.json
 
+``--sink parquet`` logs to a Parquet directory instead of JSONL (the same arms, so
+logged/baseline can be compared per sink across two runs).
+
 Exit code: 0 when tokens are identical and every log is valid, 1 when a check failed, 2 when
 an engine failed (the rounds completed before it are still reported and written).
 """
@@ -274,6 +277,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1.03,
         help="met when the upper end of the 95%% interval of the median ratio is <= this",
     )
+    p.add_argument(
+        "--sink",
+        choices=("jsonl", "parquet"),
+        default="jsonl",
+        help="the logged arms' log format: a JSONL file or a Parquet directory (default jsonl)",
+    )
     p.add_argument("--naive", action="store_true", help="also time the naive hook (eager)")
     p.add_argument("--enforce-eager", action="store_true", help="baseline and logged eager too")
     p.add_argument("--workdir", type=Path, help="keep logs and engine output here")
@@ -322,7 +331,7 @@ def run_arm(
     """One engine of ``arm`` in round ``index``: its timing, tokens, and for a logged arm the
     log check and the hook's stats."""
     stem = f"r{index}-{arm.slug}"
-    log = work / f"{stem}.jsonl" if arm.kind == "logged" else None
+    log = work / f"{stem}.{args.sink}" if arm.kind == "logged" else None
     s = settings
     if arm.kind == "naive":
         s = generate.Settings(
@@ -538,6 +547,7 @@ def summarise(
         "warmup": args.warmup,
         "enforce_eager": settings.enforce_eager,
         "layers": [a.layers for a in args.arms],
+        "sink": args.sink,
         "target": args.target,
         "arms": arms,
         "rounds": [

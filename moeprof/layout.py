@@ -31,8 +31,10 @@ from moeprof.schema import PHASES, RouteRecord
 FIELDS: tuple[str, ...] = tuple(RouteRecord.model_fields)
 """The keys of a route line, in the order the hook writes them."""
 
-WEIGHT_FORMAT = "%.7g"
-"""A router weight: float32 precision, so a weight reads back as the float32 the router used."""
+WEIGHT_FORMAT = "%.9g"
+"""A router weight: 9 significant digits, float32's round-trip precision (``max_digits10``), so
+every weight reads back bit for bit as the float32 the router produced. (Logs written before
+this used ``%.7g``, which is close but not exact for about half of all float32 values.)"""
 
 SPELLING: dict[str, str] = {
     "type": '"route"',
@@ -65,7 +67,7 @@ def _value(field: str, top_k: int) -> str:
 
 
 def route_template(layer: int | None, top_k: int, *, omit: Collection[str] = ()) -> str:
-    """One route line as a %-format: ids as ints, weights to float32 precision (7 digits).
+    """One route line as a %-format: ids as ints, weights in round-trip float32 (9 digits).
 
     ``layer`` None leaves a ``%d`` in its place, filled per row from :func:`format_routes`'s
     ``layer`` column (the hook logs several layers through one template); an int is written in

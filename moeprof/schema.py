@@ -1,6 +1,8 @@
 """The records of a moeprof log and of a generate run's outputs, shared by every part of moeprof.
 
-A log is JSON Lines: line 1 a :class:`MetaRecord`, every later line a :class:`RouteRecord`.
+A log is JSON Lines: line 1 a :class:`MetaRecord`, every later line a :class:`RouteRecord`,
+and, when the hook closed the log cleanly, a last line :class:`EndRecord`. The same records as
+Parquet columns are laid out in :mod:`moeprof.columns`.
 The hook writes these records, ``validate``/``analyze``/``plot`` read them; nothing else
 defines the format. Only the fields DESIGN.md calls the minimum are required, so logs written
 by other tools parse; extra fields are kept (``extra="allow"``).
@@ -61,6 +63,13 @@ class MetaRecord(_Record):
     schema_version: int | None = None
     prefix_caching: bool | None = None
     """Cached prompt tokens skip the router; with caching on, prompts can lack routes."""
+    routing: dict[str, Any] | None = None
+    """What ``topk_weights`` mean for the lowest logged layer: scoring, renormalisation,
+    grouped top-k, correction bias, routed scaling factor and whether the router or the MoE
+    runner applies it (keys in :mod:`moeprof.routing_facts`). None: not known (other tools)."""
+    routing_differs_in_layers: list[NonNegInt] | None = None
+    """Logged layers whose router has other ``routing`` semantics than the lowest one's
+    (empty: all the same)."""
 
     @model_validator(mode="after")
     def _check(self) -> MetaRecord:
@@ -96,6 +105,36 @@ class RouteRecord(_Record):
         if problem:
             raise ValueError(problem)
         return self
+
+
+class EndRecord(_Record):
+    """The closing line, written by the hook when logging ends cleanly (engine shutdown).
+
+    A log without it was cut short: the engine was killed, crashed, or is still running.
+    Readers of logs written by other tools must not require it. In a JSONL log it is the last
+    line; in a Parquet log it is the key-value metadata ``moeprof.end`` of the last part
+    (:mod:`moeprof.columns`).
+    """
+
+    type: Literal["end"]
+    routes: NonNegInt
+    """Routes written to the log (what a reader finds in it)."""
+    dropped: NonNegInt = 0
+    """Routes captured but not written (logging stopped early: see ``stopped``)."""
+    stopped: str | None = None
+    """Why logging stopped before the engine did (disk full, log removed, ...); None when it
+    ran to the end."""
+    requests: NonNegInt | None = None
+    """Requests that had at least one route logged."""
+    requests_unfinished: NonNegInt | None = None
+    """Of those, requests the worker had not been told were finished when logging ended: the
+    ones the shutdown cut short, and ones that finished in the engine's last step (vLLM tells a
+    worker that a request finished only with the next step's batch). So an upper bound on the
+    requests cut short, not a count of aborted ones: compare with the outputs you hold."""
+    steps: NonNegInt | None = None
+    """Engine steps (forward passes) logged."""
+    closed: str | None = None
+    """When the log was closed, ISO 8601 UTC."""
 
 
 def route_problem(
@@ -210,6 +249,10 @@ class OutputRecord(_Record):
 
 def parse_meta(line: str | bytes) -> MetaRecord:
     return MetaRecord.model_validate_json(line)
+
+
+def parse_end(line: str | bytes) -> EndRecord:
+    return EndRecord.model_validate_json(line)
 
 
 def parse_route(line: str | bytes, meta: MetaRecord | None = None) -> RouteRecord:

@@ -25,7 +25,7 @@ from moeprof.hook.ring import HostRing, RingFull
 from moeprof.hook.rows import RowMapper, StepBatch
 from moeprof.hook.writer import LogWriter, StepItem, format_routes, route_template
 from moeprof.layers import parse_layers
-from moeprof.schema import parse_meta, parse_route
+from moeprof.schema import EndRecord, parse_meta, parse_route
 
 META = {
     "type": "meta",
@@ -160,7 +160,8 @@ def test_writer_logs_every_real_token_once_with_phase_and_user_request_id(tmp_pa
     w.close()
     lines = log.read_text().splitlines()
     assert json.loads(lines[0])["layers_logged"] == [3]
-    routes = [json.loads(line) for line in lines[1:]]
+    assert json.loads(lines[-1])["type"] == "end"
+    routes = [json.loads(line) for line in lines[1:-1]]
     assert [(r["req_id"], r["token_idx"], r["phase"]) for r in routes] == [
         ("0", 0, "prefill"),
         ("0", 1, "prefill"),
@@ -184,23 +185,25 @@ def test_writer_refuses_a_log_it_cannot_open(tmp_path: Path) -> None:
         _writer(tmp_path / "missing-dir" / "log.jsonl")
 
 
-def test_a_failing_write_stops_logging_and_keeps_the_log_whole(
+def test_a_failing_write_keeps_the_whole_lines_that_fit_and_reports_the_true_counts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import moeprof.hook.sinks as sinks_module
     import moeprof.hook.writer as writer_module
 
-    real_write = writer_module.os.write
+    real_write = sinks_module.os.write
     calls = {"n": 0}
 
     def disk_fills_up(fd: int, data: bytes) -> int:
         calls["n"] += 1
         if calls["n"] == 1:  # the meta header
             return real_write(fd, data)
-        if calls["n"] == 2:  # half of the first step, then the disk is full
-            return real_write(fd, bytes(data[: len(data) // 2]))
-        raise OSError(28, "No space left on device")
+        if calls["n"] == 2:  # the first line and a half of the piece, then the disk fails
+            end = bytes(data).index(b"\n") + 5
+            return real_write(fd, bytes(data[:end]))
+        raise OSError(5, "Input/output error")  # a full disk: see test_hook_sinks (tmpfs)
 
-    monkeypatch.setattr(writer_module.os, "write", disk_fills_up)
+    monkeypatch.setattr(sinks_module.os, "write", disk_fills_up)
     # the hook logs under vLLM's logger, which does not propagate once vLLM has configured it
     monkeypatch.setattr(writer_module.logger, "handlers", [caplog.handler])
     monkeypatch.setattr(writer_module.logger, "propagate", False)
@@ -210,12 +213,15 @@ def test_a_failing_write_stops_logging_and_keeps_the_log_whole(
     w.submit(_item(w, _batch(["a"], [1], [2])))
     w.close()
     assert w.failed
-    assert calls["n"] == 3  # the second step is never attempted
-    errors = [r for r in caplog.records if "logging to" in r.getMessage()]
-    assert len(errors) == 1 and "No space left" in errors[0].getMessage()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2
+    assert f"moeprof: logging to {log} stopped after 1 routes on disk (2 dropped)" in errors[0]
+    assert "Input/output error" in errors[0] and errors[0].endswith("(the engine goes on)")
+    assert "the closing record could not be written" in errors[1]  # the disk still fails
     text = log.read_text()
     assert text.endswith("\n")
-    assert [json.loads(line)["type"] for line in text.splitlines()] == ["meta"]
+    assert [json.loads(line)["type"] for line in text.splitlines()] == ["meta", "route"]
+    assert (w.routes_written, w.dropped) == (1, 2)
 
 
 def test_external_request_id_strips_the_engine_suffix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,7 +279,7 @@ def test_a_full_ring_wakes_the_writer_and_the_step_goes_on_once_rows_are_written
     for step in range(40):  # 5 ring-fulls of 3-row steps, crossing the ring's end each time
         w.submit(_item(w, _batch(["a", "b", "c"], [1, 1, 1], [step] * 3), finished=frozenset()))
     w.close()
-    routes = [json.loads(line) for line in log.read_text().splitlines()[1:]]
+    routes = [json.loads(line) for line in log.read_text().splitlines()[1:-1]]
     assert len(routes) == 120
     assert sorted((r["req_id"], r["token_idx"]) for r in routes) == sorted(
         (rid, t) for rid in "abc" for t in range(40)
@@ -582,7 +588,7 @@ def test_each_data_parallel_rank_writes_its_own_log(fake_vllm: None, tmp_path: P
     collector = _start(worker, tmp_path)
     assert collector is not None
     collector.close()
-    meta = json.loads((tmp_path / "log.dp1.jsonl").read_text())
+    meta = json.loads((tmp_path / "log.dp1.jsonl").read_text().splitlines()[0])
     assert (meta["data_parallel_rank"], meta["data_parallel_size"]) == (1, 2)
     assert collector.capture.rows.shape == (64 * 2, 1, 4)  # both ranks' tokens reach the router
 
@@ -726,7 +732,7 @@ def test_a_patched_worker_logs_real_steps_after_warm_up_only(
     assert worker.shut_down
     lines = hook_config.path.read_text().splitlines()
     meta = parse_meta(lines[0])
-    routes = [parse_route(line, meta) for line in lines[1:]]
+    routes = [parse_route(line, meta) for line in lines[1:-1]]  # the last: the end record
     assert [(r.req_id, r.token_idx, r.phase) for r in routes] == [
         ("0", 0, "prefill"),
         ("0", 1, "prefill"),
@@ -737,6 +743,56 @@ def test_a_patched_worker_logs_real_steps_after_warm_up_only(
     assert routes[1].topk_weights == pytest.approx([0.27, 0.28])
     assert [r.step for r in routes] == [0, 0, 0, 1]  # the warm-up step is not counted
     assert "_compute_routing" not in vars(runners[0].router)  # only the logged layer is tapped
+
+
+def test_after_logging_stops_the_closing_record_says_why_and_counts_the_steps_not_logged(
+    fake_vllm: None, tmp_path: Path
+) -> None:
+    hook_config = HookConfig(tmp_path / "log.jsonl", parse_layers("1"), overwrite=False)
+    runners = [FakeMoERunner(0), FakeMoERunner(1)]
+
+    class FakeWorker:
+        def __init__(self) -> None:
+            self.vllm_config = _vllm_config()
+            self.model_runner = _v1_runner(runners)
+
+        def load_model(self) -> None:
+            pass
+
+        def compile_or_warm_up_model(self) -> None:
+            pass
+
+        def execute_model(self, scheduler_output: Any) -> str:
+            n = scheduler_output.total_num_scheduled_tokens
+            for runner in runners:
+                runner.router._compute_routing(torch.zeros(n, 4))
+            return "output"
+
+        def shutdown(self) -> None:
+            pass
+
+    install._patch_worker(types.SimpleNamespace(Worker=FakeWorker), hook_config)
+    worker = FakeWorker()
+    worker.load_model()
+    worker.compile_or_warm_up_model()
+    runner = worker.model_runner
+    runner.input_batch.req_ids = ["0-1a2b3c4d"]
+    runner.query_start_loc.np[:2] = [0, 3]
+    new = [types.SimpleNamespace(req_id="0-1a2b3c4d", prompt_token_ids=[7, 8, 9])]
+    worker.execute_model(_scheduled(3, new))  # prefill: logged
+    runner.input_batch.num_computed_tokens_cpu[0] = 3
+    runner.query_start_loc.np[:2] = [0, 1]
+    good_ids = runner.input_batch.req_ids
+    runner.input_batch.req_ids = None  # the batch cannot be read: logging stops here
+    worker.execute_model(_scheduled(1))
+    runner.input_batch.req_ids = good_ids
+    worker.execute_model(_scheduled(1))  # after the stop: counted, not logged
+    worker.shutdown()
+    lines = hook_config.path.read_text().splitlines()
+    end = EndRecord.model_validate_json(lines[-1])
+    assert len(lines) == 1 + 3 + 1  # meta, the prefill's three routes, the closing record
+    assert end.routes == 3 and end.dropped == 1
+    assert end.stopped is not None and "TypeError" in end.stopped
 
 
 def test_a_worker_module_without_the_worker_class_is_an_unsupported_vllm(
@@ -764,7 +820,7 @@ def test_the_writer_emits_every_logged_layer_of_a_token_together(tmp_path: Path)
     w.close()
     lines = log.read_text().splitlines()
     meta = parse_meta(lines[0])
-    routes = [parse_route(line, meta) for line in lines[1:]]
+    routes = [parse_route(line, meta) for line in lines[1:-1]]  # the last: the end record
     assert [(r.token_idx, r.layer, r.topk_ids, r.topk_weights, r.step) for r in routes] == [
         (0, 0, [1, 2], [0.5, 0.5], 7),
         (0, 2, [5, 6], [0.25, 0.25], 7),
@@ -854,7 +910,7 @@ def test_a_patched_worker_numbers_its_steps_for_every_layer(
     collector.close()
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     meta = parse_meta(lines[0])
-    routes = [parse_route(line, meta) for line in lines[1:]]
+    routes = [parse_route(line, meta) for line in lines[1:-1]]  # the last: the end record
     assert [(r.token_idx, r.layer, r.step, r.phase) for r in routes] == [
         (0, 0, 0, "prefill"),
         (0, 2, 0, "prefill"),
@@ -977,4 +1033,5 @@ def test_a_second_writer_on_the_same_log_is_refused_and_leaves_it_untouched(
     assert first.returncode == 0
     w = LogWriter(log, META, [3], 2, compat.external_request_id, True, HostRing(8, 1, 2, pin=False))
     w.close()
-    assert [json.loads(line) for line in log.read_text().splitlines()] == [META]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0] == META and [r["type"] for r in lines] == ["meta", "end"]

@@ -61,9 +61,11 @@ def _run(name: str, tmp: Path, log: Path | None, layer: int | str = "all", **kw:
     )
 
 
-def _read_log(path: Path) -> tuple[dict, list[dict]]:
-    lines = path.read_text().splitlines()
-    return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+def _read_log(path: Path) -> tuple[dict, list[dict], dict | None]:
+    """(meta, routes, closing record or None)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    end = records.pop() if records[-1].get("type") == "end" else None
+    return records[0], records[1:], end
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +74,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     log = tmp / "routes.jsonl"
     baseline = _run("baseline", tmp, None)
     logged = _run("logged", tmp, log)
-    meta, routes = _read_log(log)
+    meta, routes, end = _read_log(log)
     return {
+        "end": end,
         "baseline": baseline,
         "logged": logged,
         "log": log,
@@ -99,6 +102,15 @@ def test_logged_run_has_one_route_per_real_token_and_layer(runs: dict) -> None:
         for layer in LAYERS:
             positions = [r["token_idx"] for r in grouped[out["req_id"]] if r["layer"] == layer]
             assert sorted(positions) == expected, (out["req_id"], layer)
+
+
+def test_a_clean_shutdown_closes_the_log_with_what_it_holds(runs: dict) -> None:
+    end = runs["end"]
+    assert end is not None, "no closing record after a clean shutdown"
+    assert end["routes"] == len(runs["routes"]) and end["dropped"] == 0
+    assert end["stopped"] is None
+    assert end["requests"] == len(PROMPTS)
+    assert end["steps"] == len({r["step"] for r in runs["routes"]})
 
 
 def test_a_tokens_layers_are_written_together_in_layer_order(runs: dict) -> None:
@@ -228,7 +240,7 @@ def test_eager_mode_logs_a_list_of_layers_with_their_own_routes(
 ) -> None:
     log = runs["tmp"] / "eager-layers.jsonl"
     result = _run("eager", runs["tmp"], log, layer="0,2", enforce_eager=True)
-    meta, routes = _read_log(log)
+    meta, routes, _ = _read_log(log)
     assert meta["layers_logged"] == [0, 2]
     assert {r["layer"] for r in routes} == {0, 2}
     assert len(routes) == len(runs["routes"]) // len(LAYERS) * 2
@@ -323,7 +335,7 @@ def test_preempted_requests_are_logged_once_per_token(tmp_path: Path) -> None:
         engine_args={"num_gpu_blocks_override": 3},
     )
     assert "recomputed after preemption are logged once" in (tmp_path / "preempt.txt").read_text()
-    meta, routes = _read_log(log)
+    meta, routes, _ = _read_log(log)
     assert meta["layers_logged"] == [1] and {r["layer"] for r in routes} == {1}
     grouped = _by_request(routes)
     for out in result["outputs"]:

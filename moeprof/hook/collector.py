@@ -110,8 +110,18 @@ class StepCollector:
             compat.external_request_id,
             overwrite=config.overwrite,
             ring=ring,
+            part_sec=config.part_sec,
         )
-        capture = RouteCapture(max_tokens, len(layers), top_k, facts.device)
+        capture = RouteCapture(
+            max_tokens,
+            len(layers),
+            top_k,
+            facts.device,
+            # Under DP a router may return other ranks' tokens too: find this rank's span.
+            compat.rank_rows_reader(facts.data_parallel_rank)
+            if facts.data_parallel_size > 1
+            else None,
+        )
         for slot, layer in enumerate(layers):
             compat.tap_routing(routers[layer], capture.tap(slot))
         writer.device_bytes = capture.nbytes
@@ -129,7 +139,10 @@ class StepCollector:
 
     def after_step(self, scheduler_output: Any) -> None:
         """Hand a real step's rows to the writer; a failure stops logging, never the engine."""
-        if self.disabled or not self.armed:
+        if not self.armed:
+            return
+        if self.disabled:
+            self._count_dropped(scheduler_output)
             return
         try:
             step = self._read_step(scheduler_output)
@@ -137,8 +150,14 @@ class StepCollector:
             batch = step.batch
             if batch is None:
                 return
-            if self.writer.failed:
-                self.disabled = True  # the writer has said why
+            unmatched = self.capture.take_unmatched()
+            if unmatched is not None:
+                raise RuntimeError(
+                    f"a router returned {unmatched} rows, which match none of the data-parallel "
+                    "token layouts moeprof knows (see compat.rank_rows); nothing more is logged"
+                )
+            if self.writer.failed:  # the writer has said why; it counts what is not logged
+                self.writer.drop(batch.num_tokens)
                 return
             start = self.ring.reserve(batch.num_tokens, self.writer.wake, RING_WAIT_SEC)
             event = self._copy_rows(batch.num_tokens, start % self.ring.capacity)
@@ -149,9 +168,20 @@ class StepCollector:
             self.steps += 1
         except Exception as e:
             self.disabled = True
+            self.writer.halt(f"{type(e).__name__}: {e}")  # the closing record says why
             logger.error(
                 "moeprof: logging stopped: %s: %s (the engine goes on)", type(e).__name__, e
             )
+
+    def _count_dropped(self, scheduler_output: Any) -> None:
+        """After logging stopped, count the step's routes as dropped (the closing record's
+        ``dropped``), so a log cut short never reads as complete."""
+        try:
+            batch = self._read_step(scheduler_output).batch
+        except Exception:  # the reason logging stopped may be this very reader
+            batch = None
+        if batch is not None:
+            self.writer.drop(batch.num_tokens)
 
     def _copy_rows(self, n: int, row: int) -> torch.cuda.Event | None:
         """Copy the step's first ``n`` captured rows to ring row ``row``; on a GPU, return the
@@ -236,6 +266,10 @@ def log_meta(facts: compat.EngineFacts, routers: dict[int, compat.Router]) -> di
         layers_logged=sorted(routers),
         top_k=router.top_k,
         num_experts=facts.num_experts or router.num_experts,
+        routing=router.routing,
+        routing_differs_in_layers=[
+            layer for layer in sorted(routers) if routers[layer].routing != router.routing
+        ],
         prefix_caching=facts.prefix_caching,
         dtype=facts.dtype,
         enforce_eager=facts.enforce_eager,

@@ -3,6 +3,13 @@
 Configuration errors (:class:`~moeprof.errors.HookRefusal`) are raised here, in the first vLLM
 process that loads the plugin, so the engine refuses to start instead of failing in a worker
 after the model has loaded.
+
+- ``VLLM_LOG_MOE``: the log path. A path ending in ``.parquet`` is a Parquet log directory
+  (:class:`~moeprof.hook.sinks.ParquetSink`), any other path a JSONL file.
+- ``VLLM_MOE_LAYER``: the layers to log (``0`` by default; ``all``, ``1,3``, ``0-5``).
+- ``VLLM_LOG_MOE_OVERWRITE=1``: replace an existing log (for Parquet: only moeprof's parts).
+- ``VLLM_LOG_MOE_PART_SEC``: for Parquet, the longest a part stays open (seconds, default
+  :data:`~moeprof.hook.sinks.PART_SEC`): what a killed engine can lose at most.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeprof.errors import HookRefusal
+from moeprof.hook.sinks import PART_SEC, parquet_dir_problem
 from moeprof.layers import LayerSelection, LayerSpecError, parse_layers
 
 ENV_LOG = "VLLM_LOG_MOE"
 ENV_LAYER = "VLLM_MOE_LAYER"
 ENV_OVERWRITE = "VLLM_LOG_MOE_OVERWRITE"
+ENV_PART_SEC = "VLLM_LOG_MOE_PART_SEC"
 _ENV_CHECKED = "_MOEPROF_CHECKED_PATH"
 
 
@@ -26,6 +35,13 @@ class HookConfig:
     layers: LayerSelection
     """Resolved against the loaded model's MoE layers by the collector."""
     overwrite: bool
+    part_sec: float = PART_SEC
+    """Parquet only: a part is closed at the latest this many seconds after it was opened."""
+
+    @property
+    def sink(self) -> str:
+        """``"parquet"`` for a path ending in ``.parquet``, else ``"jsonl"``."""
+        return "parquet" if self.path.suffix == ".parquet" else "jsonl"
 
     def path_for_dp_rank(self, dp_rank: int, dp_size: int) -> Path:
         """One file per data-parallel rank: each rank serves its own requests."""
@@ -41,30 +57,58 @@ def load_config() -> HookConfig:
         layers = parse_layers(raw_layer)
     except LayerSpecError as e:
         raise HookRefusal(f"{ENV_LAYER}: {e}") from None
+    raw_sec = os.environ.get(ENV_PART_SEC, "").strip()
+    try:
+        part_sec = float(raw_sec) if raw_sec else PART_SEC
+    except ValueError:
+        part_sec = -1.0
+    if not part_sec > 0:
+        raise HookRefusal(f"{ENV_PART_SEC}={raw_sec}: expected a number of seconds above 0")
     config = HookConfig(
         path=Path(raw_path).expanduser().absolute(),
         layers=layers,
         overwrite=os.environ.get(ENV_OVERWRITE, "") not in ("", "0", "false"),
+        part_sec=part_sec,
     )
     _check_path_once(config)
     return config
 
 
 def _check_path_once(config: HookConfig) -> None:
-    """Refuse an unwritable or existing log before vLLM starts.
+    """Refuse a log path that cannot be written before vLLM starts.
 
     Only the first process of a launch checks (its children inherit the marker), because by the
     time a worker loads the plugin a sibling rank may already have created its file.
     """
     if os.environ.get(_ENV_CHECKED) == str(config.path):
         return
-    parent = config.path.parent
-    if config.path.is_dir():
-        raise HookRefusal(f"{ENV_LOG}={config.path} is a directory, not a file")
-    if not parent.is_dir():
-        raise HookRefusal(f"cannot write {config.path}: {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise HookRefusal(f"cannot write {config.path}: {parent} is not writable")
-    if config.path.exists() and not config.overwrite:
-        raise HookRefusal(f"{config.path} already exists; remove it or set {ENV_OVERWRITE}=1")
+    problem = path_problem(config.path, config.overwrite)
+    if problem is not None:
+        raise HookRefusal(problem)
     os.environ[_ENV_CHECKED] = str(config.path)
+
+
+def path_problem(path: Path, overwrite: bool) -> str | None:
+    """Why the hook could not write a log at ``path`` (absolute), or None.
+
+    JSONL: a dangling symbolic link, a directory, a missing or unwritable parent directory, or
+    an existing file without overwrite. Parquet (a ``.parquet`` path): see
+    :func:`moeprof.hook.sinks.parquet_dir_problem`, and the same parent checks.
+    """
+    parent = path.parent
+    if not parent.is_dir():
+        return f"cannot write {path}: {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK) and not path.exists():
+        return f"cannot write {path}: {parent} is not writable"
+    if path.suffix == ".parquet":
+        return parquet_dir_problem(path, overwrite)
+    if path.is_symlink() and not path.exists():
+        return f"{ENV_LOG}={path} is a dangling symbolic link; remove it or choose another path"
+    if path.is_dir():
+        return f"{ENV_LOG}={path} is a directory, not a file"
+    if path.exists():
+        if not overwrite:
+            return f"{path} already exists; remove it or set {ENV_OVERWRITE}=1"
+        if not os.access(path, os.W_OK):
+            return f"cannot write {path}: the file is not writable"
+    return None

@@ -1,10 +1,15 @@
 """Host memory where captured rows wait until the writer thread renders them.
 
 One ring instead of a slot per step: the model's thread copies a step's rows in and moves on;
-the writer takes them out in large batches, when the engine is idle or the ring is half full.
-So the model's thread never wakes the writer for a step (on a small model a thread wake-up and
-the GIL hand-off that follows cost more than the copy itself), and only waits when the writer
-is a whole ring behind.
+the writer takes them out in batches, when the engine is idle, the ring is half full, or the
+oldest step has waited ``writer.MAX_LAG_SEC``. So the model's thread never wakes the writer for
+a step (on a small model a thread wake-up and the GIL hand-off that follows cost more than the
+copy itself), and only waits when the writer is a whole ring behind.
+
+Memory: ``capacity`` rows of ``layers x 2 x top_k`` int32 (ids and float32 weights),
+``collector.RING_BYTES`` (4 MiB) unless two of the largest steps need more; allocated once,
+never grown. Rows still here when the process is killed are lost (not yet in the log); a clean
+close writes them first.
 
 Invariants:
     - Positions count rows from the start of the log and never wrap; ``pos % capacity`` is the

@@ -1,21 +1,34 @@
-"""Turning captured rows into JSONL, on a background thread, so the engine never waits on I/O.
+"""Turning captured rows into log records, on a background thread, so the engine never waits.
 
 The model's thread only appends a step (where its rows sit in the host ring, and the batch
-layout) to a queue, without waking anyone; this thread looks at the queue every
-``IDLE_FLUSH_SEC``, and once the engine is idle or the ring half full it waits for the
-device-to-host copies, maps rows to requests, formats and writes.
-A failing write (disk full) turns logging off with one error message: the engine keeps
-serving, and the log keeps ending on a complete line. A log removed while it is written (the
-file or its directory) is noticed at the next flush and at close (its link count drops to 0):
-logging stops with one error, since whatever is written after that is lost. The log is held
-under an exclusive ``flock`` for its whole life, so a second writer on the same path (another
-engine, overwrite or not) is refused at start instead of interleaving into the same file.
+layout) to a queue, without waking anyone. This thread looks at the queue every
+``IDLE_FLUSH_SEC``; it renders what is queued once the engine is idle, the ring is half full,
+or the oldest queued step has waited ``MAX_LAG_SEC`` (so under constant load too every step is
+written within about ``MAX_LAG_SEC + IDLE_FLUSH_SEC`` plus the time to render it). Rendering
+waits for the device-to-host copies, maps rows to requests once (:class:`RowMapper`, into
+:class:`~moeprof.hook.sinks.RouteColumns`) and hands the columns to the sink
+(:mod:`moeprof.hook.sinks`: JSONL or Parquet), which formats in small slices and hands the GIL
+back between them, so the model's thread is not starved.
+
+Invariants:
+    - A failing write (disk full) stops logging with one error line that gives the routes on
+      disk and the routes dropped; the engine keeps serving, the log keeps every route that
+      fit and ends on a whole line (JSONL) or on complete parts (Parquet).
+    - A log removed while it is written (the file or its directory) is noticed at the next
+      flush and at close (its link count drops to 0): logging stops with one error.
+    - The log is locked for its whole life: a second writer is refused at start.
+    - :meth:`LogWriter.close` (clean engine shutdown, atexit) drains what is queued and writes
+      the closing record (:class:`moeprof.schema.EndRecord`): routes on disk, routes dropped,
+      why logging stopped (None when it did not), requests with routes, requests not reported
+      finished at close, steps. A crash or SIGKILL writes none: the log is then "not closed
+      cleanly", and it has lost at most the steps still queued (and, for Parquet, the open
+      part).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import datetime
 import json
 import logging
 import os
@@ -28,19 +41,22 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from moeprof.errors import HookRefusal
 from moeprof.hook.ring import HostRing
 from moeprof.hook.rows import RowMapper, StepBatch
+from moeprof.hook.sinks import PART_SEC, RouteColumns, Sink, open_sink, pause
 from moeprof.layout import format_routes, route_template
+
+__all__ = ["LogWriter", "StepItem", "format_routes", "route_template"]
 
 logger = logging.getLogger("vllm.moeprof")
 """Under vLLM's logger, so the hook's lines reach the engine's output with vLLM's own."""
 
 IDLE_FLUSH_SEC = 0.05
-FORMAT_CHUNK = 256
-"""Rows formatted between two hand-backs of the GIL (~0.4 ms of work)."""
+"""How often the writer thread looks at the queue."""
+MAX_LAG_SEC = 0.2
+"""The longest a queued step waits for the engine to go idle before it is rendered anyway."""
 FLUSH_ROUTES = 1 << 16
-"""Routes rendered and written per piece when a flush has more."""
+"""Routes mapped and handed to the sink per piece when a flush has more."""
 
 
 def _leave_compute_cores() -> None:
@@ -75,7 +91,11 @@ class StepItem(NamedTuple):
 
 
 class LogWriter:
-    """Owns the file, the host ring and the thread; also the per-request state of mapping rows."""
+    """Owns the sink, the host ring and the thread; also the per-request state of mapping rows.
+
+    The sink is chosen by the path (:func:`moeprof.hook.sinks.open_sink`): a ``.parquet``
+    path is a Parquet log directory, anything else a JSONL file.
+    """
 
     def __init__(
         self,
@@ -86,63 +106,137 @@ class LogWriter:
         external_id: Callable[[str], str],
         overwrite: bool,
         ring: HostRing,
+        part_sec: float = PART_SEC,
     ) -> None:
         self.path = path
-        self._fd: int | None = _open_locked(path, overwrite)
+        self._sink: Sink = open_sink(path, meta, top_k, overwrite, part_sec)
         self.ring = ring
-        self._template = route_template(None, top_k)
         self._layers = np.asarray(layers, dtype=np.int64)
         """The logged layers in ring order: a token's row holds them side by side."""
         self.device_bytes = 0
         """The device buffer's size, for the closing stats line (set by the collector)."""
         self.cpu_sec = 0.0
-        """CPU time the writer thread has used (formatting, mapping, writing)."""
+        """CPU time the writer thread has used (mapping, formatting, writing)."""
         self._external_id = external_id
-        self._req_json: dict[str, str] = {}
+        self._ext_of: dict[str, str] = {}
         self._mapper = RowMapper()
-        self.routes_written = 0
+        self._mapped = 0
+        """Routes mapped (or given up) by the writer thread; only that thread adds to it."""
+        self._refused = 0
+        """Routes of steps refused once logging stopped; only the model's thread adds to it."""
         self.recomputed_skipped = 0
         self.failed = False
-        self._size = 0
+        self.stopped: str | None = None
+        """Why logging stopped before the engine did, or None."""
+        self._live: set[str] = set()
+        """Requests with routes in the log that the engine has not reported finished."""
+        self.requests = 0
+        """Requests with at least one route in the log."""
         self._items: deque[StepItem] = deque()
         self._submitted = 0
         self._wake = threading.Event()
         self._closed = False
-        self._write(json.dumps(meta, separators=(",", ":")) + "\n")
+        self._halted = False
         self._thread = threading.Thread(target=self._run, name="moeprof-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def routes_written(self) -> int:
+        """Routes in the log: on disk (Parquet: on disk once the open part closes)."""
+        return self._sink.routes
+
+    @property
+    def captured(self) -> int:
+        """Routes handed over by the engine (recomputed tokens not counted): written or not."""
+        return self._mapped + self._refused
+
+    @property
+    def dropped(self) -> int:
+        """Routes handed over but not in the log (logging stopped early)."""
+        return max(0, self.captured - self._sink.routes)
+
     def submit(self, item: StepItem) -> None:
         """Queue a step; called on the model's thread, so it wakes nobody."""
-        if self.failed or self._closed:
+        if self.failed or self._closed or self._halted:
             self.ring.release(item.start + item.batch.num_tokens)
+            self._refused += item.batch.num_tokens * len(self._layers)
+            self._submitted += 1
             return
         self._items.append(item)
         self._submitted += 1
+
+    def drop(self, num_tokens: int) -> None:
+        """Count a step that is not logged because logging has stopped (model's thread)."""
+        self._refused += num_tokens * len(self._layers)
+        self._submitted += 1
+
+    def halt(self, reason: str) -> None:
+        """Stop logging for a reason found outside the writer (model's thread); what is
+        queued is still written, and the closing record says ``reason``."""
+        if self.stopped is None:
+            self.stopped = reason
+        self._halted = True
 
     def wake(self) -> None:
         """Have the thread look at the queue now instead of at its next tick."""
         self._wake.set()
 
     def close(self, timeout: float = 60.0) -> None:
-        """Drain what is queued, then close the file; safe to call more than once."""
+        """Drain what is queued, write the closing record and close the log; safe to call
+        more than once."""
         if self._closed:
             return
         self._closed = True
         self._wake.set()
         self._thread.join(timeout)
-        if not self.failed and not self._thread.is_alive():
+        if self._thread.is_alive():  # the writer is stuck (a hung disk): leave the log to it
+            logger.error(
+                "moeprof: the writer did not finish in %.0f s; %s is not closed", timeout, self.path
+            )
+            return
+        logger.info("moeprof: stats %s", json.dumps(self.stats(), separators=(", ", ": ")))
+
+    def _finish(self) -> None:
+        """On the writer thread, after the last flush: the closing record, then the log is
+        closed (so the writer's CPU time includes closing the last part)."""
+        if not self.failed:
             with contextlib.suppress(OSError):  # removed after the last flush
                 self._check_not_removed()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        logger.info("moeprof: stats %s", json.dumps(self.stats(), separators=(", ", ": ")))
+        for item in self._items:  # queued after the thread's last look
+            self._mapped += item.batch.num_tokens * len(self._layers)
+            self.ring.release(item.start + item.batch.num_tokens)
+        self._items.clear()
+        removed = self.stopped == "log removed"  # said once already; nothing to write to
+        problem = self._sink.close(None if removed else self.end_record())
+        if problem is not None and not removed:
+            logger.error(
+                "moeprof: the closing record could not be written to %s: %s; the log reads "
+                "as not closed cleanly",
+                self.path,
+                problem,
+            )
+
+    def end_record(self) -> dict[str, Any]:
+        """The closing record (:class:`moeprof.schema.EndRecord`) as of now."""
+        return {
+            "type": "end",
+            "routes": self._sink.routes,
+            "dropped": self.dropped,
+            "stopped": self.stopped,
+            "requests": self.requests,
+            # vLLM tells the worker that a request finished only at its next step, so the
+            # requests that finished in the last steps before a clean close count here too:
+            # an upper bound on the requests cut off by the shutdown (0: none was)
+            "requests_unfinished": len(self._live),
+            "steps": self._submitted,
+            "closed": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
 
     def stats(self) -> dict[str, Any]:
         """What logging cost and produced, for the line the writer logs when it closes."""
         return {
             "routes": self.routes_written,
+            "dropped": self.dropped,
             "layers": len(self._layers),
             "writer_cpu_sec": round(self.cpu_sec, 6),
             "ring_bytes": self.ring.nbytes,
@@ -152,13 +246,6 @@ class LogWriter:
         }
 
     def _run(self) -> None:
-        """Every ``IDLE_FLUSH_SEC`` (or when woken) decide whether to render what is queued.
-
-        Rendering waits until the engine is idle (no step since the last look), the ring is
-        half full, or the log is closed: on a busy machine the formatting then costs the
-        engine no CPU time while it generates, and is done in fewer, larger calls. The GIL is
-        handed back between chunks of ``FORMAT_CHUNK`` rows.
-        """
         _leave_compute_cores()
         cpu_start = time.thread_time()
         try:
@@ -167,21 +254,40 @@ class LogWriter:
             self.cpu_sec = time.thread_time() - cpu_start
 
     def _loop(self) -> None:
+        """Every ``IDLE_FLUSH_SEC`` (or when woken) decide whether to render what is queued.
+
+        Rendering happens when the engine is idle (no step since the last look), the ring is
+        half full, the oldest queued step has waited ``MAX_LAG_SEC``, or the log is closing.
+        """
         seen = 0
+        waiting_since: float | None = None
         while True:
             self._wake.wait(IDLE_FLUSH_SEC)
             self._wake.clear()
             closing = self._closed
+            now = time.monotonic()
             submitted = self._submitted
             idle = submitted == seen
             seen = submitted
-            if closing or idle or self.ring.backlog * 2 >= self.ring.capacity:
+            if not self._items:
+                waiting_since = None
+            elif waiting_since is None:
+                waiting_since = now
+            late = waiting_since is not None and now - waiting_since >= MAX_LAG_SEC
+            if closing or idle or late or self.ring.backlog * 2 >= self.ring.capacity:
                 self._flush()
+                waiting_since = None
+            if not self.failed:
+                try:
+                    self._sink.tick(time.monotonic())
+                except Exception as e:
+                    self._fail(e)
             if closing:
+                self._finish()
                 return
 
     def _flush(self) -> None:
-        """Render every queued step and write it, ``FLUSH_ROUTES`` at a time; free the rows."""
+        """Map every queued step and write it, ``FLUSH_ROUTES`` at a time; free the rows."""
         items: list[StepItem] = []
         with contextlib.suppress(IndexError):
             while True:
@@ -190,28 +296,38 @@ class LogWriter:
             return
         last = items[-1]
         end = last.start + last.batch.num_tokens
+        num_layers = len(self._layers)
         try:
             if self.failed or self._check_not_removed():
+                self._mapped += sum(it.batch.num_tokens for it in items) * num_layers
                 return
             if last.ready is not None:
                 last.ready.synchronize()  # copies run in stream order: the last one ends last
             group: list[StepItem] = []
             routes = 0
-            for item in items:
+            for i, item in enumerate(items):
                 group.append(item)
-                routes += item.batch.num_tokens * len(self._layers)
-                if routes >= FLUSH_ROUTES:
-                    self._write(self._render(group))
+                routes += item.batch.num_tokens * num_layers
+                if routes >= FLUSH_ROUTES or i == len(items) - 1:
+                    try:
+                        self._write(group)
+                    except Exception:
+                        rest = items[i + 1 :]
+                        self._mapped += sum(it.batch.num_tokens for it in rest) * num_layers
+                        raise
                     group, routes = [], 0
-            if group:
-                self._write(self._render(group))
         except Exception as e:  # never let logging take the engine down
             self._fail(e)
         finally:
             self.ring.release(end)
 
-    def _render(self, items: list[StepItem]) -> str:
-        """The route lines of ``items``: per token, one line per logged layer, in step order."""
+    def _write(self, items: list[StepItem]) -> None:
+        cols = self._columns(items)
+        self._mapped += cols.num_routes
+        self._sink.write(cols)
+
+    def _columns(self, items: list[StepItem]) -> RouteColumns:
+        """The routes of ``items``: per token, one route per logged layer, in step order."""
         capacity = self.ring.capacity
         mapped = self._mapper.map(
             (it.batch, it.start % capacity, it.new_prompt_lens, it.finished, it.step)
@@ -226,66 +342,40 @@ class LogWriter:
             self.recomputed_skipped += mapped.skipped
         num_layers = len(self._layers)
         routes = len(mapped.rows) * num_layers
-        seg_json = np.array([self._json_id(r) for r in mapped.seg_req], dtype=object)
-        req_json = np.repeat(seg_json, mapped.seg_len * num_layers)
-        token_idx = np.repeat(mapped.token_idx, num_layers)
-        prefill = np.repeat(mapped.prefill, num_layers)
-        step = np.repeat(mapped.step, num_layers)
-        layer = np.tile(self._layers, len(mapped.rows))
-        k = self.ring.ids_np.shape[2]
-        ids = self.ring.ids_np[mapped.rows].reshape(routes, k)
-        weights = self.ring.weights_np[mapped.rows].reshape(routes, k)
-        parts = []
-        for a in range(0, routes, FORMAT_CHUNK):
-            b = a + FORMAT_CHUNK
-            parts.append(
-                format_routes(
-                    self._template,
-                    req_json[a:b],
-                    token_idx[a:b],
-                    ids[a:b],
-                    weights[a:b],
-                    prefill[a:b],
-                    layer=layer[a:b],
-                    step=step[a:b],
-                )
-            )
-            time.sleep(0)  # hand the GIL to the model's thread if it is waiting for it
-        text = "".join(parts)
+        live, ext_of = self._live, self._ext_of
+        for rid in mapped.seg_req:
+            if rid not in live:
+                live.add(rid)
+                self.requests += 1
+        seg_req = [
+            ext_of.get(r) or ext_of.setdefault(r, self._external_id(r)) for r in mapped.seg_req
+        ]
         for it in items:
             for rid in it.finished:
-                self._req_json.pop(rid, None)
-        self.routes_written += routes
-        return text
-
-    def _json_id(self, rid: str) -> str:
-        text = self._req_json.get(rid)
-        if text is None:
-            text = self._req_json[rid] = json.dumps(self._external_id(rid))
-        return text
-
-    def _write(self, text: str) -> None:
-        """Write whole lines or nothing: a failed write is cut back to the last full line."""
-        assert self._fd is not None
-        raw = text.encode()
-        data = memoryview(raw)
-        try:
-            while data:
-                data = data[os.write(self._fd, data) :]
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
-            raise
-        self._size += len(raw)
+                ext_of.pop(rid, None)
+                live.discard(rid)
+        k = self.ring.ids_np.shape[2]
+        pause()
+        return RouteColumns(
+            seg_req=seg_req,
+            seg_routes=mapped.seg_len * num_layers,
+            token_idx=np.repeat(mapped.token_idx, num_layers),
+            layer=np.tile(self._layers, len(mapped.rows)),
+            ids=self.ring.ids_np[mapped.rows].reshape(routes, k),
+            weights=self.ring.weights_np[mapped.rows].reshape(routes, k),
+            prefill=np.repeat(mapped.prefill, num_layers),
+            step=np.repeat(mapped.step, num_layers),
+        )
 
     def _check_not_removed(self) -> bool:
         """Whether the log has lost its last name (file or directory removed); says so once.
 
         Writes to such a file succeed but reach nothing anyone can read, so logging stops.
         """
-        if self._fd is None or os.fstat(self._fd).st_nlink > 0:
+        if not self._sink.removed():
             return False
         self.failed = True
+        self.stopped = "log removed"
         logger.error(
             "moeprof: the log file %s was removed (or its directory): logging stopped after "
             "%d routes; the engine goes on",
@@ -296,60 +386,12 @@ class LogWriter:
 
     def _fail(self, exc: Exception) -> None:
         self.failed = True
+        self.stopped = f"{type(exc).__name__}: {exc}"
         logger.error(
-            "moeprof: logging to %s stopped after %d routes: %s: %s (the engine goes on)",
+            "moeprof: logging to %s stopped after %d routes on disk (%d dropped): %s "
+            "(the engine goes on)",
             self.path,
             self.routes_written,
-            type(exc).__name__,
-            exc,
+            self.dropped,
+            self.stopped,
         )
-
-
-def _open_locked(path: Path, overwrite: bool) -> int:
-    """Open the log for writing under an exclusive lock held until it is closed.
-
-    The file is truncated (when overwriting) only once the lock is held, so a log another
-    process is still writing is left untouched when this one is refused.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | (0 if overwrite else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileExistsError:
-        raise HookRefusal(
-            f"{path} already exists; remove it or set VLLM_LOG_MOE_OVERWRITE=1"
-        ) from None
-    except OSError as e:
-        raise HookRefusal(f"cannot open {path} for writing: {e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _lock_holder(fd)
-        os.close(fd)
-        who = f"another process (pid {holder})" if holder else "another process"
-        raise HookRefusal(
-            f"{path} is being written by {who}; stop it or choose another log path"
-        ) from None
-    except OSError as e:  # a file system without locks: log, unguarded
-        logger.warning(
-            "moeprof: cannot lock %s (%s); a second writer would not be refused", path, e
-        )
-    if overwrite:
-        try:
-            os.ftruncate(fd, 0)
-        except OSError as e:
-            os.close(fd)
-            raise HookRefusal(f"cannot open {path} for writing: {e}") from None
-    return fd
-
-
-def _lock_holder(fd: int) -> int | None:
-    """The pid holding a ``flock`` on ``fd``'s file, from Linux's ``/proc/locks``; else None."""
-    st = os.fstat(fd)
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/locks") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == "FLOCK" and fields[3] == "WRITE" and fields[5] == inode:
-                pid = int(fields[4])
-                return pid if pid > 0 else None
-    return None
