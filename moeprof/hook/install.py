@@ -1,7 +1,9 @@
 """Wiring the hook into vLLM's worker, only in processes that import the worker at all.
 
 The front-end process of ``LLM(...)`` or ``vllm serve`` also loads the plugin but never imports
-the worker module, so it gets no patch; workers get theirs the moment the module is imported.
+the worker module, so it gets no worker patch; workers get theirs the moment the module is
+imported. Every process gets the stop grace of :mod:`moeprof.hook.shutdown` (it matters in the
+one that stops EngineCore: the API server, or the ``LLM`` process).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from moeprof.hook import compat
+from moeprof.hook import compat, shutdown
 from moeprof.hook.config import HookConfig, load_config
 
 
 def install() -> None:
     config = load_config()
     _when_imported(compat.WORKER_MODULE, lambda module: _patch_worker(module, config))
+    _when_imported(shutdown.ENGINE_UTILS, shutdown.extend_abort_grace)
 
 
 def _patch_worker(module: ModuleType, config: HookConfig) -> None:
@@ -31,13 +34,15 @@ def _patch_worker(module: ModuleType, config: HookConfig) -> None:
 
     load_model = getattr(cls, compat.LOAD_MODEL)
     execute_model = getattr(cls, compat.EXECUTE_MODEL)
-    shutdown = getattr(cls, compat.SHUTDOWN, None)
+    worker_shutdown = getattr(cls, compat.SHUTDOWN, None)
 
     @functools.wraps(load_model)
     def load_model_and_hook(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = load_model(self, *args, **kwargs)
         if getattr(self, "_moeprof", None) is None:
             self._moeprof = StepCollector.start(self, config)
+            if self._moeprof is not None:
+                self._moeprof_close = shutdown.close_on_stop(self._moeprof)
             _arm_after_warmup(type(self))
         return result
 
@@ -51,14 +56,14 @@ def _patch_worker(module: ModuleType, config: HookConfig) -> None:
 
     setattr(cls, compat.LOAD_MODEL, load_model_and_hook)
     setattr(cls, compat.EXECUTE_MODEL, execute_model_and_log)
-    if shutdown is not None:
+    if worker_shutdown is not None:
 
-        @functools.wraps(shutdown)
+        @functools.wraps(worker_shutdown)
         def shutdown_and_flush(self: Any, *args: Any, **kwargs: Any) -> Any:
-            collector = self.__dict__.get("_moeprof")
-            if collector is not None:
-                collector.close()
-            return shutdown(self, *args, **kwargs)
+            close = self.__dict__.get("_moeprof_close")
+            if close is not None:
+                close()  # bounded: see moeprof.hook.shutdown
+            return worker_shutdown(self, *args, **kwargs)
 
         setattr(cls, compat.SHUTDOWN, shutdown_and_flush)
     cls._moeprof_patched = True  # type: ignore[attr-defined]
