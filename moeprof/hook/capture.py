@@ -13,9 +13,19 @@ Invariants:
       allocation, no Python branch on tensor values. CUDA graphs record the copies and replay
       them; Dynamo puts the operator into the compiled graph without letting Inductor fuse it
       into the router.
-    - Every forward, dummy or real, overwrites tokens ``[:n]`` of every logged layer; padding
-      rows beyond the real tokens hold garbage. Only the host side, which knows the real token
-      count of a real step, decides which rows are read (see ``collector.py``).
+    - Every forward, dummy or real, overwrites tokens ``[:n]`` of every logged layer with this
+      rank's ``n`` tokens; padding rows beyond the real tokens hold garbage. Only the host
+      side, which knows the real token count of a real step, decides which rows are read (see
+      ``collector.py``).
+    - Under data parallelism the router's rows may hold other ranks' tokens too (naive
+      dispatch gathers every DP rank's tokens before routing). A capture built with
+      ``rank_rows`` (:func:`moeprof.hook.compat.rank_rows_reader`) asks it, inside the opaque
+      operator (so outside what Dynamo traces), which rows are this rank's, and copies only
+      those to row 0 on. A router output that matches no known layout is not copied; the
+      capture remembers it (:meth:`RouteCapture.take_unmatched`) and the host side stops
+      logging. Under CUDA graphs that question is asked while a graph is captured, as in
+      vLLM's own ``RoutedExpertsCapturer``: DP ranks pad to one token count there, so the
+      span holds at replay.
     - Ids are the logical expert ids the router returns, before any EPLB logical-to-physical
       mapping (``compat.tap_routing`` says where they come from).
 """
@@ -26,20 +36,50 @@ from collections.abc import Callable
 
 import torch
 
+RankRows = Callable[[int], tuple[int, int] | None]
+"""Given the number of rows a router returned, ``(start, count)`` of this rank's tokens among
+them, or None when the count matches no known layout (:func:`moeprof.hook.compat.rank_rows`)."""
+
+
+class _Layout:
+    """How a capture finds its rank's rows, and the last router output that matched nothing."""
+
+    def __init__(self, rank_rows: RankRows) -> None:
+        self.rank_rows = rank_rows
+        self.unmatched: int | None = None
+
+
+_LAYOUTS: list[_Layout | None] = [None]
+"""Index 0: every row is this rank's (no data parallelism). Each capture built with
+``rank_rows`` adds its own entry; the operator gets the index as a constant argument."""
+
 
 def _capture_routes(
-    rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot: int
+    rows: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    slot: int,
+    layout: int,
 ) -> None:
     """The two slice copies into layer ``slot``, as an operator the compiler cannot see into.
 
     Written inline, the copies become extra stores that Inductor fuses into the router's
     top-k kernel; that changed the order of the selected experts, and with it the bf16
     rounding of the expert sum, so a logged run could generate other tokens than an unlogged
-    one. Behind an opaque operator the router's kernels stay exactly as without logging.
+    one. Behind an opaque operator the router's kernels stay exactly as without logging. With
+    a ``layout`` other than 0, only this rank's span of the router's rows is copied.
     """
     n, k = topk_ids.shape
-    rows[:n, slot, :k].copy_(topk_ids)
-    rows[:n, slot, k:].view(torch.float32).copy_(topk_weights)
+    start = 0
+    entry = _LAYOUTS[layout]
+    if entry is not None:
+        span = entry.rank_rows(n)
+        if span is None:
+            entry.unmatched = n
+            return
+        start, n = span
+    rows[:n, slot, :k].copy_(topk_ids[start : start + n])
+    rows[:n, slot, k:].view(torch.float32).copy_(topk_weights[start : start + n])
 
 
 # Registered on the dispatcher directly, the way vLLM's ``direct_register_custom_op`` does:
@@ -49,12 +89,17 @@ def _capture_routes(
 # slot is an int argument (a constant in each layer's call site), so every layer writes into
 # the one shared buffer, not into a view of it.
 _LIB = torch.library.Library("moeprof", "DEF")
-_LIB.define("capture_routes(Tensor(a!) rows, Tensor topk_ids, Tensor topk_weights, int slot) -> ()")
+_LIB.define(
+    "capture_routes(Tensor(a!) rows, Tensor topk_ids, Tensor topk_weights, int slot, int layout)"
+    " -> ()"
+)
 _LIB.impl("capture_routes", _capture_routes, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("moeprof::capture_routes", lib=_LIB)
-def _(rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot: int) -> None:
+def _(
+    rows: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot: int, layout: int
+) -> None:
     return None
 
 
@@ -63,10 +108,32 @@ class RouteCapture:
     into: ``rows`` is ``(max_tokens, num_layers, 2 * top_k)`` int32 (see the module's
     invariants)."""
 
-    def __init__(self, max_tokens: int, num_layers: int, top_k: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        max_tokens: int,
+        num_layers: int,
+        top_k: int,
+        device: torch.device,
+        rank_rows: RankRows | None = None,
+    ) -> None:
+        """``rank_rows``: where this rank's tokens are among a router's rows, when the router
+        may see other ranks' tokens (data parallelism); None: every row is this rank's."""
         self.rows = torch.zeros(
             (max_tokens, num_layers, 2 * top_k), dtype=torch.int32, device=device
         )
+        self._layout = 0
+        if rank_rows is not None:
+            _LAYOUTS.append(_Layout(rank_rows))
+            self._layout = len(_LAYOUTS) - 1
+
+    def take_unmatched(self) -> int | None:
+        """The row count of the last router output that matched no known layout since the
+        previous call (nothing of it was captured), or None."""
+        entry = _LAYOUTS[self._layout]
+        if entry is None or entry.unmatched is None:
+            return None
+        unmatched, entry.unmatched = entry.unmatched, None
+        return unmatched
 
     @property
     def nbytes(self) -> int:
@@ -81,9 +148,9 @@ class RouteCapture:
         ``topk_weights`` (see :func:`moeprof.hook.compat.tap_routing`)."""
         if not 0 <= slot < self.rows.shape[1]:
             raise ValueError(f"slot {slot} is outside the {self.rows.shape[1]} logged layers")
-        rows = self.rows
+        rows, layout = self.rows, self._layout
 
         def capture(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
-            torch.ops.moeprof.capture_routes(rows, topk_ids, topk_weights, slot)
+            torch.ops.moeprof.capture_routes(rows, topk_ids, topk_weights, slot, layout)
 
         return capture

@@ -15,7 +15,10 @@ Read from vLLM 0.26 (CUDA, Model Runner V2 by default) to 0.32 (CPU build, V1 ru
   ``router`` (a ``BaseRouter``) computes ``(topk_weights, topk_ids)`` in ``_compute_routing``.
   Monolithic kernels (``is_monolithic``) route inside the kernel and never call it.
 - With data parallelism the router may see every DP rank's tokens at once (naive
-  dispatch/combine gathers them before routing), so the capture buffer is sized for all ranks.
+  dispatch/combine gathers them before routing), only its own (modular kernels exchange tokens
+  after routing) or, under sequence parallelism, every rank's shards; ``rank_rows`` finds this
+  rank's span from the forward context's ``dp_metadata``, as vLLM's ``RoutedExpertsCapturer``
+  does. The capture buffer is sized for all ranks' tokens.
 - After a real step, V1 runners keep the batch in ``input_batch`` (``req_ids``,
   ``num_computed_tokens_cpu``) and ``query_start_loc.np``; V2 runners keep it in
   ``execute_model_state.input_batch`` (``req_ids``, ``query_start_loc_np``,
@@ -148,6 +151,8 @@ class Router:
     top_k: int
     num_experts: int | None
     """All experts the router chooses from (``global_num_experts``), when it says."""
+    routing: dict[str, Any] | None = None
+    """What its ``topk_weights`` mean (:func:`moeprof.routing_facts.routing_meta`)."""
 
 
 def router_of(runner: Any, layer: int) -> Router:
@@ -157,11 +162,47 @@ def router_of(runner: Any, layer: int) -> Router:
             "kernel, so there is no topk_ids/topk_weights to log; pick a backend with a "
             "modular kernel (e.g. unquantized weights)"
         )
+    refuse_unsupported_token_layout(runner, layer)
     router = getattr(runner, "router", None)
     if router is None or not callable(getattr(router, "_compute_routing", None)):
         raise unsupported(f"the MoE runner of layer {layer} has no router._compute_routing")
     num_experts = getattr(router, "global_num_experts", None)
-    return Router(router, int(router.top_k), int(num_experts) if num_experts else None)
+    return Router(
+        router,
+        int(router.top_k),
+        int(num_experts) if num_experts else None,
+        routing_of(runner, router),
+    )
+
+
+def routing_of(runner: Any, router: Any) -> dict[str, Any] | None:
+    """The routing semantics of a loaded router (vLLM 0.32's router classes keep them as
+    attributes; ``GroupedTopKRouter`` is grouped by class, ``CPURouter`` by a flag)."""
+    from moeprof.routing_facts import routing_meta
+
+    try:
+        custom = getattr(router, "custom_routing_function", None)
+        bias = getattr(router, "e_score_correction_bias", None)
+        renormalize = getattr(router, "renormalize", None)
+        grouped = bool(getattr(router, "use_grouped_topk", False)) or (
+            type(router).__name__ == "GroupedTopKRouter"
+        )
+        return routing_meta(
+            router_class=type(router).__name__,
+            scoring=getattr(router, "scoring_func", None),
+            renormalize=bool(renormalize) if renormalize is not None else None,
+            grouped_topk=grouped,
+            num_expert_group=getattr(router, "num_expert_group", None),
+            topk_group=getattr(router, "topk_group", None),
+            correction_bias=bias is not None,
+            custom_routing_function=getattr(custom, "__qualname__", None) or repr(custom)
+            if custom
+            else None,
+            scaling_in_router=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
+            scaling_on_output=float(getattr(runner, "routed_scaling_factor", 1.0) or 1.0),
+        )
+    except (TypeError, ValueError):  # an attribute of an unexpected type: say nothing
+        return None
 
 
 def tap_routing(router: Router, tap: Callable[[Any, Any], None]) -> None:
@@ -180,6 +221,93 @@ def tap_routing(router: Router, tap: Callable[[Any, Any], None]) -> None:
         return topk_weights, topk_ids
 
     target._compute_routing = _compute_routing_and_capture
+
+
+# --- Which of the router's rows are this data-parallel rank's tokens ---------------------------
+
+
+def refuse_unsupported_token_layout(runner: Any, layer: int) -> None:
+    """Refuse, at load, the layouts in which no rank's router sees all of its own tokens.
+
+    With prefill context parallelism the runner all-gathers the tokens of every PCP rank before
+    routing; with sequence parallelism and a modular kernel (no naive dispatch) each TP rank
+    routes a ``1/TP`` shard of its DP rank's tokens, and only a collective could reassemble
+    them (vLLM's ``RoutedExpertsCapturer`` all-gathers across the TP group there).
+    """
+    cfg = getattr(runner, "moe_config", None)
+    if cfg is None:
+        return
+    if int(getattr(cfg, "pcp_size", 1) or 1) > 1:
+        raise HookRefusal(
+            f"layer {layer}: prefill context parallelism gathers the tokens of every PCP rank "
+            "before routing; logging it is not supported"
+        )
+    if bool(getattr(cfg, "is_sequence_parallel", False)) and not bool(
+        getattr(runner, "do_naive_dispatch_combine", True)
+    ):
+        raise HookRefusal(
+            f"layer {layer}: sequence-parallel MoE with a modular kernel routes a 1/TP shard "
+            "of the tokens on each tensor-parallel rank; logging it is not supported (run "
+            "without expert parallelism, or with tensor_parallel_size=1)"
+        )
+
+
+class RankRows(NamedTuple):
+    """This DP rank's tokens in the rows one router call returned: ``rows[start:start+count]``,
+    in the rank's own token order (``count`` may include padding rows past the real tokens)."""
+
+    start: int
+    count: int
+
+
+def rank_rows(num_rows: int, dp_rank: int, dp_metadata: Any) -> RankRows | None:
+    """Where this DP rank's tokens are among the ``num_rows`` rows a router returned, or None
+    when the count matches no layout below.
+
+    ``dp_metadata`` is vLLM's ``ForwardContext.dp_metadata`` of the forward pass (None without
+    data or sequence parallelism): ``num_tokens_across_dp_cpu[r]`` is rank ``r``'s token count
+    (padded alike on every rank under CUDA graphs), ``local_sizes`` the all-gather shard sizes
+    while a sequence-parallel MoE layer runs. The layouts (as vLLM's own
+    ``routed_experts_capturer.py`` reads them, checked in this order):
+
+    - no ``dp_metadata``: every row is this rank's;
+    - ``num_rows == sum(counts)``, naive dispatch: all DP ranks' tokens concatenated in rank
+      order, so this rank's start after the counts of the ranks before it;
+    - ``num_rows == counts[dp_rank]``, a modular kernel (the DP exchange happens inside the
+      experts' kernel, after routing): only this rank's tokens;
+    - ``num_rows == sum(local_sizes)``, naive dispatch under sequence parallelism: the SP shards
+      of every DP rank gathered in DP-then-TP order, each rank's shards padded to
+      ``ceil(count / sp)``, so this rank's tokens start after the shards of the ranks before
+      it and its padding trails its last shard.
+    """
+    if dp_metadata is None:
+        return RankRows(0, num_rows)
+    across = dp_metadata.num_tokens_across_dp_cpu
+    counts = [int(c) for c in (across.tolist() if hasattr(across, "tolist") else across)]
+    local = counts[dp_rank]
+    if num_rows == sum(counts):
+        return RankRows(sum(counts[:dp_rank]), local)
+    if num_rows == local:
+        return RankRows(0, local)
+    shards = getattr(dp_metadata, "local_sizes", None)
+    if shards and num_rows == sum(shards) and len(shards) % len(counts) == 0:
+        per_rank = len(shards) // len(counts)
+        return RankRows(sum(shards[: dp_rank * per_rank]), local)
+    return None
+
+
+def rank_rows_reader(dp_rank: int) -> Callable[[int], RankRows | None]:
+    """:func:`rank_rows` of the forward pass under way (read from vLLM's forward context), for
+    a router that returned ``num_rows`` rows. Called inside the forward pass, outside what
+    Dynamo traces (see ``capture.py``)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    def read(num_rows: int) -> RankRows | None:
+        if not is_forward_context_available():
+            return RankRows(0, num_rows)
+        return rank_rows(num_rows, dp_rank, get_forward_context().dp_metadata)
+
+    return read
 
 
 class ScheduledStep(NamedTuple):
