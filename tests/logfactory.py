@@ -209,6 +209,100 @@ def skewed_routes(
     return out
 
 
+def end_record(routes: int, **fields: Any) -> dict[str, Any]:
+    """A closing record (``schema.EndRecord``) for ``routes`` routes written."""
+    return {"type": "end", "routes": routes, **fields}
+
+
+def route_columns(routes: Sequence[dict[str, Any]], k: int | None = None) -> dict[str, Any]:
+    """Route dicts as the arguments of ``columns.routes_batch`` (request codes in order of
+    first appearance, phases as codes, steps ``NO_STEP`` where absent or None when none has
+    one)."""
+    from moeprof.schema import NO_PHASE, NO_STEP
+
+    names: dict[str, int] = {}
+    codes = [names.setdefault(r["req_id"], len(names)) for r in routes]
+    width = k if k is not None else (len(routes[0]["topk_ids"]) if routes else 4)
+    steps = [r.get("step") for r in routes]
+    return {
+        "req_code": np.asarray(codes, np.int64),
+        "req_names": list(names),
+        "token_idx": np.asarray([r["token_idx"] for r in routes], np.int64),
+        "layer": np.asarray([r["layer"] for r in routes], np.int64),
+        "ids": np.asarray([r["topk_ids"] for r in routes], np.int64).reshape(-1, width),
+        "weights": np.asarray([r["topk_weights"] for r in routes], np.float32).reshape(-1, width),
+        "phase": np.asarray(
+            [NO_PHASE if r.get("phase") is None else PHASES.index(r["phase"]) for r in routes],
+            np.int8,
+        ),
+        "step": None
+        if all(s is None for s in steps)
+        else np.asarray([NO_STEP if s is None else s for s in steps], np.int64),
+    }
+
+
+def write_parquet_log(
+    path: Path,
+    routes: Sequence[dict[str, Any]],
+    header: dict[str, Any] | None = None,
+    *,
+    end: dict[str, Any] | None = None,
+    parts: int = 1,
+) -> Path:
+    """Write a Parquet log in ``moeprof.columns``' layout: ``path`` ending in ``.parquet`` and
+    ``parts`` > 1 or a directory wanted: a directory of ``part-NNNNN.parquet`` files (the routes
+    split evenly, in order), else, with ``parts=0``, one file. Every part carries the meta
+    (``header``, default :data:`META`); the last one the closing record ``end`` when given.
+    Rows are built with ``columns.routes_batch``, as the hook's sink builds them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moeprof import columns
+
+    head = META if header is None else header
+    k = int(head.get("top_k", 4))
+    pieces = max(parts, 1)
+    bounds = np.linspace(0, len(routes), pieces + 1).astype(int)
+    tables = []
+    for i in range(pieces):
+        rows = list(routes[bounds[i] : bounds[i + 1]])
+        cols = route_columns(rows, k)
+        batch = columns.routes_batch(**cols)
+        meta = {columns.META_KEY: dumps(head).encode()}
+        tables.append(pa.Table.from_batches([batch]).replace_schema_metadata(meta))
+
+    def write(table: pa.Table, to: Path, last: bool) -> None:
+        # as the hook's sink: the closing record is added to the footer's key-value metadata
+        # when the last part is closed (it is not in the Arrow schema stored with the file)
+        with pq.ParquetWriter(to, table.schema) as writer:
+            writer.write_table(table)
+            if end is not None and last:
+                writer.add_key_value_metadata({columns.END_KEY: dumps(end).encode()})
+
+    if parts == 0:
+        write(tables[0], path, True)
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    for i, table in enumerate(tables):
+        write(table, path / columns.part_name(i), i == len(tables) - 1)
+    return path
+
+
+def read_jsonl_log(
+    path: Path,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """(meta, routes, closing record or None) of a JSON Lines log written by :func:`write_log`."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    end = lines.pop() if lines and lines[-1].get("type") == "end" else None
+    return lines[0], lines[1:], end
+
+
+def parquet_twin(jsonl: Path, out: Path, *, parts: int = 1) -> Path:
+    """The same log as Parquet (see :func:`write_parquet_log`)."""
+    head, routes, end = read_jsonl_log(jsonl)
+    return write_parquet_log(out, routes, head, end=end, parts=parts)
+
+
 def outputs_file(path: Path, records: Iterable[tuple[str, int, int]]) -> Path:
     """An outputs JSONL: (req_id, prompt_tokens, generated_tokens) per request."""
     lines = [

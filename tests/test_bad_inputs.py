@@ -224,3 +224,95 @@ def test_dev_zero_stops_with_an_error_on_line_1() -> None:
     code, out = _moeprof("validate", "/dev/zero")
     assert code == 1, out
     assert "/dev/zero:1: line longer than" in out
+
+
+# ---------------------------------------------------------------------- Parquet logs
+
+
+def _parquet_table(**replace: object) -> object:
+    """A valid one-part table of 8 routes (``columns.routes_batch``), with columns replaced
+    (None drops one) and, with ``metadata=...``, other key-value metadata."""
+    import pyarrow as pa
+    from logfactory import route_columns
+
+    from moeprof import columns
+
+    batch = columns.routes_batch(**route_columns([route(str(i // 4), i % 4) for i in range(8)]))
+    table = pa.Table.from_batches([batch])
+    for name, col in replace.items():
+        if name == "metadata":
+            continue
+        table = table.drop_columns([name])
+        if col is not None:
+            table = table.append_column(name, col)
+    metadata = replace.get("metadata", {columns.META_KEY: dumps(meta()).encode()})
+    return table.replace_schema_metadata(metadata)
+
+
+def _write_parquet(path: Path, case: str) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moeprof import columns
+
+    tables = {
+        "no-meta": lambda: _parquet_table(metadata={}),
+        "bad-meta": lambda: _parquet_table(
+            metadata={columns.META_KEY: dumps(meta(top_k=None)).encode()}
+        ),
+        "missing-column": lambda: _parquet_table(topk_weights=None),
+        "wrong-type": lambda: _parquet_table(token_idx=pa.array([str(i) for i in range(8)])),
+        "wrong-top-k": lambda: _parquet_table(
+            topk_ids=pa.FixedSizeListArray.from_arrays(pa.array(list(range(24)), pa.int32()), 3)
+        ),
+    }
+    if case in tables:
+        path.mkdir()
+        pq.write_table(tables[case](), path / "part-00000.parquet")
+    elif case == "not-parquet":
+        path.write_text(dumps(meta()) + "\n")
+    elif case == "cut-footer":
+        pq.write_table(_parquet_table(), path)
+        path.write_bytes(path.read_bytes()[:-100])
+    elif case == "empty-dir":
+        path.mkdir()
+    elif case == "only-temp-part":  # killed before the first part was closed
+        path.mkdir()
+        (path / columns.temp_part_name(0)).write_bytes(b"PAR1")
+    return path
+
+
+PARQUET_CASES = {
+    # name: (validate's exit code: 1 a wrong-shaped log, 2 unreadable; a word of the reason)
+    "no-meta": (1, "no moeprof.meta"),
+    "bad-meta": (1, "missing field 'top_k'"),
+    "missing-column": (1, "'topk_weights' missing"),
+    "wrong-type": (1, "'token_idx' is string, expected integers"),
+    "wrong-top-k": (1, "expected lists of top_k=4"),
+    "not-parquet": (2, "not a readable parquet file"),
+    "cut-footer": (2, "not a readable parquet file"),
+    "empty-dir": (2, "is a directory"),
+    "only-temp-part": (2, "no complete parquet part yet"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARQUET_CASES))
+def test_wrong_parquet_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A Parquet log of the wrong shape: validate names file and reason in one line (exit 1:
+    invalid; 2: not readable as Parquet at all); analyze and plot stop with one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    code_validate, word = PARQUET_CASES[case]
+    path = _write_parquet(tmp_path / f"{case}.parquet", case)
+    code, out = run_cli("validate", str(path))
+    lines = out.strip().splitlines()
+    assert code == code_validate, out
+    assert str(path) in lines[0] and word in lines[0].lower(), out
+    if code == 1:  # then only the verdict (which rich may wrap)
+        assert "".join(lines[1:]).replace(" ", "") == f"invalid:{path}:1errors", out
+    for command in ("analyze", "plot"):
+        code, out = run_cli(*_cmd(command, str(path)))
+        assert code == 2, out
+        assert len(out.strip().splitlines()) == 1 and word in out.lower(), out
+    assert not (tmp_path / "out.png").exists()

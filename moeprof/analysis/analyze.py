@@ -37,8 +37,8 @@ from moeprof.analysis.reader import (
     IssueSink,
     LogError,
     RouteLog,
-    open_log,
 )
+from moeprof.analysis.sources import as_log, open_logs
 from moeprof.analysis.summary import ExpertStats, summarize
 from moeprof.errors import UserError
 from moeprof.layers import LayerSpecError, format_layers, parse_layers
@@ -178,7 +178,7 @@ def analyze_logs(
             analyses=analyses,
             options=options,
         )
-        for p in paths
+        for p in open_logs(paths)  # globs expanded, a run's data-parallel ranks as one log
     ]
     return AnalysisReport(logs, compare(logs), exclude_suspect)
 
@@ -214,7 +214,7 @@ def analyze_log(
     log that does not validate are not worth printing. ``layers``: report only these; a
     :class:`UserError` when the log has none of them, a warning for each it lacks."""
     warnings: list[str] = []
-    log, experts, source = _resolve_num_experts(open_log(path), num_experts, warnings)
+    log, experts, source = _resolve_num_experts(as_log(path), num_experts, warnings)
     assert log.meta is not None
     shown = _shown_layers(log.path, log.meta.layers_logged, layers, warnings)
     sums = LayerPhaseAccumulators(experts)
@@ -312,7 +312,9 @@ def _read_routes(
     """Fold the log's routes into ``sums``: in one pass, or with ``exclude_suspect`` in a later
     pass that leaves out what the first pass's contamination detector flagged. When keys repeat
     outside dummy runs (foreign logs, double logging), the detector sees the log a second time
-    to tell double logging from key collisions by the repeated keys' routes."""
+    to tell double logging from key collisions by the repeated keys' routes. Passes that ask
+    for it (``needs_reread``: ``--ep``, to fit on exactly the first half of the steps) see
+    the folded routes once more at the end."""
 
     def strict(issue: Issue) -> None:
         if issue.severity == "error":
@@ -323,16 +325,18 @@ def _read_routes(
         if issue.severity == "error":
             strict(issue)
 
-    detector = ContaminationDetector(min_run, layers=len(log.layers), reread=True)
+    detector = ContaminationDetector(min_run, layers=len(log.layers))
     records = _scan(log, strict, detector, None if exclude_suspect else sums, passes)
     if detector.needs_reread:  # keys repeat outside dummy runs: not in a hook's logs
         _reread(log, errors_only, detector)
     contamination = detector.finish()
     if not exclude_suspect:
+        _reread_passes(log, errors_only, passes, None)
         return _Tally(contamination, records, excluded=0)
     records, excluded = _rescan_without_suspects(
         log, errors_only, SuspectFilter(detector), sums, passes
     )
+    _reread_passes(log, errors_only, passes, detector)
     return _Tally(contamination, records, excluded)
 
 
@@ -386,6 +390,34 @@ def _rescan_without_suspects(
             p.add(kept)
         records += len(kept)
     return records, excluded
+
+
+def _reread_passes(
+    log: RouteLog,
+    on_issue: IssueSink,
+    passes: dict[str, RoutePass],
+    detector: ContaminationDetector | None,
+) -> None:
+    """Show the stream again to the passes that ask for it after a read (a ``needs_reread``
+    attribute that is True: the EP pass, whose fit needs the number of steps first), with the
+    same records left out (``detector``'s suspects; None: none), until none asks."""
+    again = [p for p in passes.values() if getattr(p, "needs_reread", False)]
+    while again:
+        suspects = None if detector is None else SuspectFilter(detector)
+        for chunk in log.chunks(on_issue):
+            if suspects is not None:
+                drop = suspects.mask(
+                    log.groups(chunk),
+                    chunk.token_idx,
+                    chunk.layer,
+                    chunk.ids,
+                    chunk.weights,
+                    chunk.line,
+                )
+                chunk = chunk.take(~drop)
+            for p in again:
+                p.add(chunk)
+        again = [p for p in again if getattr(p, "needs_reread", False)]
 
 
 def _layer_analyses(

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from moeprof.analysis.reader import Issue, LogError, RouteChunk, RouteLog, open_log
+from moeprof.analysis.reader import Issue, LogBase, LogError, RouteChunk, RouteLog
+from moeprof.analysis.sources import open_one
 from moeprof.errors import UserError
 
 SHOW = 10
@@ -259,18 +260,20 @@ class _Tally:
         self.routes = 0
 
 
-def compare_logs(a: str | Path, b: str | Path, *, show: int = SHOW) -> ComparisonReport:
+def compare_logs(
+    a: str | Path | LogBase, b: str | Path | LogBase, *, show: int = SHOW
+) -> ComparisonReport:
     """Join logs ``a`` and ``b`` on (req_id, token_idx, layer) and say how far their routing
     agrees (see the module docstring). Raises :class:`UserError` (a :class:`LogError` naming
     the file and line) when either cannot be read or has an invalid line."""
     if show < 0:
         raise ValueError(f"show must be >= 0, got {show}")
-    logs = [open_log(a), open_log(b)]
+    logs = [open_one(a), open_one(b)]  # each a file, a Parquet log, or one run's DP ranks
     warnings: list[str] = []
     metas = [log.meta for log in logs]
     assert metas[0] is not None and metas[1] is not None
     keys = _Keys(metas[0].layers_logged + metas[1].layers_logged)
-    small = 0 if _size(logs[0].path) <= _size(logs[1].path) else 1
+    small = 0 if logs[0].nbytes <= logs[1].nbytes else 1
     indexed, streamed = logs[small], logs[1 - small]
     index = _build_index(indexed, keys, _strict(indexed, warnings))
     names = {name: code for code, name in enumerate(indexed.req_ids)}
@@ -293,13 +296,6 @@ def compare_logs(a: str | Path, b: str | Path, *, show: int = SHOW) -> Compariso
         if va != vb:
             warnings.append(f"the logs differ in {field_name}: {va} vs {vb}")
     return _report(logs, small, index, seen, tally, keys, show, warnings)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def _strict(log: RouteLog, warnings: list[str]) -> Any:

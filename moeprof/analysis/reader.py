@@ -80,14 +80,27 @@ Severity = Literal["error", "warning"]
 
 @dataclass(frozen=True)
 class Issue:
-    """One problem found in a log. ``line`` is 1-based; None for problems of the whole log."""
+    """One problem found in a log. ``line`` is 1-based (a line of a JSON Lines log, a row of
+    a Parquet log counted across its parts: :attr:`RouteChunk.line`); None for problems of the
+    whole log."""
 
     line: int | None
     message: str
     severity: Severity = "error"
+    file: str | None = None
+    """The file the problem is in, when it is not the log's own path: a part of a Parquet log
+    directory, or one rank's file of a log read from several (:mod:`moeprof.analysis.sources`;
+    ``line`` then counts in that file)."""
+    row: int | None = None
+    """Parquet only: the 1-based row in ``file`` (or in the log's single file)."""
 
     def format(self, path: str | Path) -> str:
-        where = f"{path}:{self.line}" if self.line is not None else str(path)
+        """``file:line: message``, ``file: row N: message`` (Parquet) or ``file: message``."""
+        where = self.file if self.file is not None else str(path)
+        if self.row is not None:
+            return f"{where}: row {self.row}: {self.message}"
+        if self.line is not None:
+            return f"{where}:{self.line}: {self.message}"
         return f"{where}: {self.message}"
 
 
@@ -122,7 +135,8 @@ class RouteChunk:
     req: np.ndarray
     """(n,) int64 request codes: ``RouteLog.req_ids[code]`` is the req_id string."""
     line: np.ndarray
-    """(n,) int64 1-based line numbers."""
+    """(n,) int64 1-based line numbers; in a Parquet log, row numbers counted across its
+    parts; in several files read as one, numbers counted on from one file to the next."""
 
     def __len__(self) -> int:
         return int(self.token_idx.size)
@@ -278,6 +292,8 @@ def _route_reason(line: bytes, exc: ValidationError) -> str:
     for err in exc.errors(include_url=False):
         if tuple(err["loc"]) == ("type",) and err.get("input") == "meta":
             return "a second meta record: only line 1 may be one (logs concatenated?)"
+        if tuple(err["loc"]) == ("type",) and err.get("input") == "end":
+            return _END_NOT_LAST
     return schema.explain(exc)
 
 
@@ -294,6 +310,21 @@ def _meta_reason(line: bytes, exc: ValidationError) -> str:
 
 
 _MISSING_META = "a route record where the meta record should be (log written without its header?)"
+_END_NOT_LAST = (
+    "a closing record before the last line: only the last line may be one "
+    "(written to after it was closed, or logs concatenated?)"
+)
+
+
+def _closing_line_start(buf: bytearray, start: int, end: int) -> int:
+    """Where the last line of ``buf[start:end]`` (ending in a newline) starts if it is a
+    closing record (``"type": "end"``), else ``end``. One look at one line per block, so the
+    byte parser never sees it: a route line only names ``"end"`` as a request id, and a
+    ``type`` spelled with escapes is decoded to be sure."""
+    ls = max(buf.rfind(b"\n", start, end - 1) + 1, start)
+    if buf.find(b'"end"', ls, end) < 0 and buf.find(b"\\u", ls, end) < 0:
+        return end
+    return ls if _json_type(bytes(buf[ls : end - 1])) == "end" else end
 
 
 def _json_type(line: bytes) -> object:
@@ -326,11 +357,117 @@ def _repeated_key(line: bytes) -> str | None:
     return next((k for k in fields if keys.count(k) > 1), None)
 
 
-class RouteLog:
-    """An open log: its meta, and a fresh pass over its routes each time :meth:`chunks` runs.
+LogForm = Literal["jsonl", "parquet", "several"]
+
+
+class LogBase:
+    """What every form of log offers its readers: a JSON Lines file (:class:`RouteLog`), a
+    Parquet log (:class:`~moeprof.analysis.parquet_log.ParquetLog`), or the files of one run's
+    data-parallel ranks read as one (:class:`~moeprof.analysis.sources.MultiLog`).
+
+    Each has ``path``, ``meta``, ``meta_issue``, ``chunks(on_issue, on_decoded=)`` yielding
+    :class:`RouteChunk` (request codes stable across passes, first-seen order), ``req_ids``,
+    ``layers``, ``layer_slot``, ``groups``, ``group_name``, ``with_num_experts``, and after a
+    complete pass ``lines_read``, ``routes_read`` and ``end``.
+    """
+
+    form: LogForm = "jsonl"
+    path: Path
+    meta: schema.MetaRecord | None
+    meta_issue: Issue | None
+    lines_read: int = 0
+    """Lines (Parquet: rows) seen so far, meta and closing record included; final after a
+    complete pass."""
+    end: schema.EndRecord | None = None
+    """The closing record, known after a complete pass; None when the log has none (cut
+    short, still being written, or written by a tool that does not close its logs)."""
+    cut_mid_line: bool = False
+    """After a complete pass: the last line had no trailing newline (a write cut off)."""
+    _codes: _Codes
+    _sorted_layers: np.ndarray
+    _slot_of_sorted: np.ndarray
+
+    def _index_layers(self) -> None:
+        if self.meta is not None:
+            order = np.argsort(self.meta.layers_logged)
+            self._sorted_layers = np.asarray(self.meta.layers_logged, np.int64)[order]
+            self._slot_of_sorted = order
+
+    def chunks(
+        self, on_issue: IssueSink | None = None, *, on_decoded: DecodedSink | None = None
+    ) -> Iterator[RouteChunk]:
+        raise NotImplementedError
+
+    def with_num_experts(self, num_experts: int) -> LogBase:
+        raise NotImplementedError
+
+    @property
+    def routes_read(self) -> int:
+        """Route records (valid or not) seen in the last complete pass: what a closing
+        record's ``routes`` counts."""
+        raise NotImplementedError
+
+    @property
+    def members(self) -> list[LogBase]:
+        """The logs this one reads: itself, or each rank's file of a :class:`MultiLog`."""
+        return [self]
+
+    @property
+    def moeprof_written(self) -> bool:
+        """Whether the meta says moeprof's hook wrote the log (it has ``moeprof_version``):
+        only such logs are expected to end with a closing record."""
+        return self.meta is not None and "moeprof_version" in (self.meta.model_extra or {})
+
+    @property
+    def nbytes(self) -> int:
+        """Size on disk (0 when unknown)."""
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def issue(self, line: int | None, message: str, severity: Severity = "error") -> Issue:
+        """An issue at ``line`` (a :attr:`RouteChunk.line` of this log), located as this form
+        of log locates them (a Parquet part and row, a rank's file)."""
+        return Issue(line, message, severity)
+
+    def _raise_errors(self, issue: Issue) -> None:
+        if issue.severity == "error":
+            raise LogError(issue.format(self.path))
+
+    # ------------------------------------------------------------------ keys and names
+
+    @property
+    def req_ids(self) -> list[str]:
+        """req_id strings by code (grows while reading)."""
+        return self._codes.names
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta.layers_logged) if self.meta else []
+
+    def layer_slot(self, layer: np.ndarray) -> np.ndarray:
+        """Index of each layer in ``meta.layers_logged`` (rows in chunks are always logged)."""
+        return self._slot_of_sorted[np.searchsorted(self._sorted_layers, layer)]
+
+    def groups(self, chunk: RouteChunk) -> np.ndarray:
+        """One code per (request, layer) pair: ``req * len(layers_logged) + slot``."""
+        return chunk.req * len(self.layers) + self.layer_slot(chunk.layer)
+
+    def group_name(self, group: int) -> tuple[str, int]:
+        """(req_id, layer) of a group code."""
+        req, slot = divmod(int(group), len(self.layers))
+        return self.req_ids[req], self.layers[slot]
+
+
+class RouteLog(LogBase):
+    """An open JSON Lines log: its meta, and a fresh pass over its routes each time
+    :meth:`chunks` runs.
 
     Request codes are stable across passes (first-seen order), so a second pass can use sets
-    built in the first.
+    built in the first. A cleanly closed log ends with a closing record
+    (:class:`~moeprof.schema.EndRecord`), found after a pass in :attr:`end`; a closing record
+    anywhere but on the last line is an error on its line.
     """
 
     def __init__(
@@ -368,33 +505,11 @@ class RouteLog:
                 self._parser = fastparse.BlockParser(
                     meta.top_k, meta.layers_logged, meta.num_experts
                 )
-            order = np.argsort(meta.layers_logged)
-            self._sorted_layers = np.asarray(meta.layers_logged, np.int64)[order]
-            self._slot_of_sorted = order
-
-    # ------------------------------------------------------------------ keys and names
+        self._index_layers()
 
     @property
-    def req_ids(self) -> list[str]:
-        """req_id strings by code (grows while reading)."""
-        return self._codes.names
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.meta.layers_logged) if self.meta else []
-
-    def layer_slot(self, layer: np.ndarray) -> np.ndarray:
-        """Index of each layer in ``meta.layers_logged`` (rows in chunks are always logged)."""
-        return self._slot_of_sorted[np.searchsorted(self._sorted_layers, layer)]
-
-    def groups(self, chunk: RouteChunk) -> np.ndarray:
-        """One code per (request, layer) pair: ``req * len(layers_logged) + slot``."""
-        return chunk.req * len(self.layers) + self.layer_slot(chunk.layer)
-
-    def group_name(self, group: int) -> tuple[str, int]:
-        """(req_id, layer) of a group code."""
-        req, slot = divmod(int(group), len(self.layers))
-        return self.req_ids[req], self.layers[slot]
+    def routes_read(self) -> int:
+        return max(self.lines_read - (self._first_line - 1) - (self.end is not None), 0)
 
     def with_num_experts(self, num_experts: int) -> RouteLog:
         """The same log read as if its meta declared ``num_experts`` (ids beyond are errors)."""
@@ -420,6 +535,8 @@ class RouteLog:
         line = self._first_line
         self._skip_vector = 0
         self._on_decoded = on_decoded
+        self.end = None
+        self.cut_mid_line = False
         if self._offset is None:  # line 1 was over the limit on a device: nothing more read
             self.lines_read = line - 1
             return
@@ -460,21 +577,52 @@ class RouteLog:
                     start = buf.find(b"\n", 0, end) + 1
                     line += 1
                     skipping = False
-                if start < end:
-                    line += yield from self._decode_span(buf, views, start, end, line, sink)
+                held = _closing_line_start(buf, start, end)  # kept back until the file ends
+                if start < held:
+                    line += yield from self._decode_span(buf, views, start, held, line, sink)
+                end = held
                 tail = fill - end
                 buf[:tail] = buf[end:fill]
                 fill = tail
-            if fill and not skipping:
-                yield from self._last_line(bytes(buf[:fill]), line, sink)
+            if skipping:
                 line += 1
-            elif skipping:
-                line += 1
+            elif fill:
+                line += yield from self._final_lines(bytes(buf[:fill]), line, sink)
         self.lines_read = line - 1
 
-    def _raise_errors(self, issue: Issue) -> None:
-        if issue.severity == "error":
-            raise LogError(issue.format(self.path))
+    def _final_lines(
+        self, rest: bytes, line: int, sink: IssueSink
+    ) -> Generator[RouteChunk, None, int]:
+        """What is left when the file ends: a closing record held back (complete, with its
+        newline), a last line without a newline, or both. Returns the lines consumed."""
+        nl = rest.find(b"\n")
+        if nl >= 0:
+            closing, after = rest[:nl], rest[nl + 1 :]
+            if not after:
+                self._read_end(closing, line, sink)
+                return 1
+            sink(Issue(line, _END_NOT_LAST))
+            yield from self._last_line(after, line + 1, sink)
+            return 2
+        self.cut_mid_line = True
+        if _json_type(rest) == "end":
+            self._read_end(rest, line, sink, newline=False)
+        else:
+            yield from self._last_line(rest, line, sink)
+        return 1
+
+    def _read_end(self, raw: bytes, lineno: int, sink: IssueSink, *, newline: bool = True) -> None:
+        """The last line, a closing record: kept in :attr:`end` when well-formed."""
+        self._decoded("pydantic", lineno, 1)
+        try:
+            rec = schema.parse_end(raw)
+        except ValidationError as e:
+            what = "closing record" if newline else "truncated last line (no trailing newline)"
+            sink(Issue(lineno, f"{what}: {schema.explain(e)}"))
+            return
+        if not newline:
+            sink(Issue(lineno, "last line has no trailing newline (writer cut off?)", "warning"))
+        self.end = rec
 
     def _decoded(self, decoder: str, first: int, count: int) -> None:
         if self._on_decoded is not None and count:
@@ -788,6 +936,7 @@ class RouteLog:
     def _last_line(self, raw: bytes, lineno: int, sink: IssueSink) -> Iterator[RouteChunk]:
         """A final line without a newline: fine if complete (warned), else a truncated write."""
         self._decoded("pydantic", lineno, 1)
+        self.cut_mid_line = True
         try:
             schema.parse_route(raw, self.meta)
         except ValidationError as e:
@@ -800,17 +949,37 @@ class RouteLog:
             yield self._records_chunk([(lineno, rec)])
 
 
-def open_log(path: str | Path, *, require_meta: bool = True, decoder: Decoder = "auto") -> RouteLog:
-    """Open a log and read its meta line.
+def _parquet_magic(path: Path) -> bool:
+    """Whether ``path`` is a regular file starting with Parquet's magic bytes (pipes and
+    devices are not opened here: reading would consume them)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return False
+        with path.open("rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
+def open_log(path: str | Path, *, require_meta: bool = True, decoder: Decoder = "auto") -> LogBase:
+    """Open a log and read its meta: a JSON Lines file (:class:`RouteLog`), or a Parquet log,
+    a directory of parts or one ``.parquet`` file (:mod:`moeprof.analysis.parquet_log`; told
+    apart by the directory, the ``.parquet`` suffix or the file's magic bytes).
 
     Raises :class:`LogError` when the file is missing or unreadable, and, with ``require_meta``,
-    when line 1 is not a valid meta record (an empty file included). Without ``require_meta``
-    such a log opens with ``meta=None`` and the reason in ``meta_issue``. ``decoder`` limits
-    the decoders its passes use (:data:`Decoder`; the default is the fastest that applies).
+    when line 1 is not a valid meta record (an empty file included; for Parquet: a file without
+    moeprof's meta or with the wrong columns). Without ``require_meta`` such a log opens with
+    ``meta=None`` and the reason in ``meta_issue``. ``decoder`` limits the decoders a JSON Lines
+    log's passes use (:data:`Decoder`; the default is the fastest that applies). Several files
+    and globs: :func:`moeprof.analysis.sources.open_logs`.
     """
     if str(path) == "-":
         raise LogError(f"-: {_PIPE}")
     path = Path(path)
+    if path.is_dir() or path.suffix == ".parquet" or _parquet_magic(path):
+        from moeprof.analysis.parquet_log import open_parquet
+
+        return open_parquet(path, require_meta=require_meta)
     try:
         f = path.open("rb")
     except FileNotFoundError as e:

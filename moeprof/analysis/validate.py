@@ -25,7 +25,12 @@ from pydantic import ValidationError
 
 from moeprof import schema
 from moeprof.analysis.positions import PositionSet
-from moeprof.analysis.reader import Issue, LogError, RouteLog, open_log
+from moeprof.analysis.reader import Issue, LogBase, LogError
+from moeprof.analysis.sources import open_logs
+
+RouteLog = LogBase  # every form of log (JSON Lines, Parquet, several ranks) reads alike here
+
+NOT_CLOSED = "not closed cleanly: the engine was killed or is still running"
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,12 @@ class ValidationReport:
     path: str
     valid: bool = True
     meta: dict[str, Any] | None = None
+    form: str = "jsonl"
+    """``jsonl``, ``parquet`` or ``several`` (the files of a run's data-parallel ranks)."""
+    files: list[str] = field(default_factory=list)
+    """The files read, for ``several``."""
     lines: int = 0
+    """Lines read (Parquet: rows)."""
     routes: int = 0
     routes_by_layer: dict[int, int] = field(default_factory=dict)
     duplicates: int = 0
@@ -87,9 +97,21 @@ class ValidationReport:
     errors: list[Issue] = field(default_factory=list)
     """The first ``max_errors`` errors, in file order for line-level ones."""
     warnings: list[Issue] = field(default_factory=list)
+    complete: bool | None = None
+    """Whether the log was closed cleanly with nothing lost (see :func:`_check_complete`);
+    None when that cannot be told: a log of another tool, which has no closing record."""
+    completeness: str = ""
+    """``complete`` in words, as ``validate`` prints it."""
+    end: dict[str, Any] | None = None
+    """The closing record (summed over the files of several ranks), when there is one."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for key in ("errors", "warnings"):  # where an issue is: only what locates it
+            out[key] = [
+                {k: v for k, v in i.items() if v is not None or k == "line"} for i in out[key]
+            ]
+        return out
 
 
 class _Collector:
@@ -122,14 +144,55 @@ class _Collector:
             self.report.warning_count += n
 
 
+def validate_logs(
+    paths: list[str | Path],
+    *,
+    outputs: str | Path | None = None,
+    max_errors: int = 20,
+    require_complete: bool = False,
+) -> list[ValidationReport]:
+    """Check every log ``paths`` name (files, Parquet directories, globs; a run's
+    data-parallel ranks as one log: :mod:`moeprof.analysis.sources`), one report each."""
+    out_records = load_outputs(outputs) if outputs is not None else None
+    return [
+        _validate(log, out_records, outputs, max_errors, require_complete)
+        for log in open_logs(paths, require_meta=False)
+    ]
+
+
 def validate_log(
-    path: str | Path, *, outputs: str | Path | None = None, max_errors: int = 20
+    path: str | Path | LogBase,
+    *,
+    outputs: str | Path | None = None,
+    max_errors: int = 20,
+    require_complete: bool = False,
 ) -> ValidationReport:
     """Check a log completely. Raises :class:`LogError` (a UserError) only when the log or the
-    outputs file cannot be read at all; everything wrong inside the log goes into the report."""
-    log = open_log(path, require_meta=False)
+    outputs file cannot be read at all; everything wrong inside the log goes into the report.
+
+    ``require_complete``: a log the hook did not close cleanly is an error, not a warning
+    (see :func:`_check_complete`)."""
+    if isinstance(path, LogBase):
+        log = path
+    else:
+        logs = open_logs([path], require_meta=False)
+        if len(logs) != 1:
+            raise LogError(f"{path}: names {len(logs)} logs; check them with validate_logs")
+        log = logs[0]
     out_records = load_outputs(outputs) if outputs is not None else None
-    report = ValidationReport(path=str(log.path))
+    return _validate(log, out_records, outputs, max_errors, require_complete)
+
+
+def _validate(
+    log: LogBase,
+    out_records: dict[str, schema.OutputRecord] | None,
+    outputs: str | Path | None,
+    max_errors: int,
+    require_complete: bool,
+) -> ValidationReport:
+    report = ValidationReport(path=str(log.path), form=log.form)
+    if log.form == "several":
+        report.files = [str(m.path) for m in log.members]
     sink = _Collector(report, max_errors)
     if log.meta_issue is not None:
         sink(log.meta_issue)
@@ -157,7 +220,7 @@ def validate_log(
                     continue
                 req = log.req_ids[int(chunk.req[row])]
                 sink(
-                    Issue(
+                    log.issue(
                         int(chunk.line[row]),
                         f"duplicate route: req_id {req!r} token_idx {int(chunk.token_idx[row])} "
                         f"layer {int(chunk.layer[row])} was already logged",
@@ -167,6 +230,7 @@ def validate_log(
     report.routes_by_layer = {lay: int(c) for lay, c in zip(layers, by_layer, strict=True)}
     if report.routes == 0 and report.error_count == 0:
         sink(Issue(None, "the log has a meta record but no routes", "warning"))
+    _check_complete(log, report, sink, require_complete)
 
     counts = _per_group(positions, len(log.req_ids), len(layers))
     _check_positions(log, positions, report, sink)
@@ -177,6 +241,63 @@ def validate_log(
         report.outputs = _check_outputs(log, positions, counts, out_records, Path(outputs), sink)
     report.valid = report.error_count == 0
     return report
+
+
+def _check_complete(
+    log: LogBase, report: ValidationReport, sink: _Collector, require_complete: bool
+) -> None:
+    """Whether the log says it is complete: closed cleanly by the hook (a closing record,
+    :class:`~moeprof.schema.EndRecord`), logging not stopped early (``stopped``: an error with
+    the reason and the routes dropped), and holding exactly the routes the record counts (an
+    error otherwise). For several ranks' files, each file on its own.
+
+    A log without a closing record is warned about ("not closed cleanly: the engine was killed
+    or is still running"; an error with ``require_complete``) only when its meta says moeprof
+    wrote it (``moeprof_version``): other tools do not close their logs, so their logs are
+    never failed or warned for it (``complete`` None: cannot tell), even with
+    ``require_complete``."""
+    several = log.form == "several"
+    complete: bool | None = True
+    cut: list[str] = []
+    for m in log.members:
+        where = str(m.path) if several else None
+        end = m.end
+        if end is None:
+            if m.moeprof_written:
+                severity = "error" if require_complete else "warning"
+                sink(Issue(None, NOT_CLOSED, severity, file=where))  # type: ignore[arg-type]
+                complete = False
+                cut.append(str(m.path))
+            elif complete:
+                complete = None
+            continue
+        if end.stopped or end.dropped:
+            why = f"logging stopped early: {end.stopped}" if end.stopped else "routes were dropped"
+            sink(Issue(None, f"{why} ({end.dropped:,} routes dropped)", file=where))
+            complete = False
+        if end.routes != m.routes_read:
+            sink(
+                Issue(
+                    None,
+                    f"the closing record counts {end.routes:,} routes written, but the log holds "
+                    f"{m.routes_read:,}",
+                    file=where,
+                )
+            )
+            complete = False
+    total = log.end
+    report.end = total.model_dump(mode="json") if total is not None else None
+    report.complete = complete
+    if complete:
+        assert total is not None
+        report.completeness = f"complete (closed cleanly: {total.routes:,} routes)"
+    elif complete is None:
+        report.completeness = "completeness unknown: no closing record (not written by moeprof)"
+    elif cut:
+        files = f" ({', '.join(cut)})" if several else ""
+        report.completeness = NOT_CLOSED + files
+    else:
+        report.completeness = "incomplete: see the errors above"
 
 
 def _per_group(positions: PositionSet, requests: int, layers: int) -> np.ndarray:
@@ -408,4 +529,5 @@ __all__ = [
     "load_outputs",
     "report_json",
     "validate_log",
+    "validate_logs",
 ]

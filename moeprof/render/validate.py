@@ -10,9 +10,12 @@ from moeprof.analysis.validate import ValidationReport
 
 
 def print_validation(report: ValidationReport, console: Console) -> None:
-    """The terminal form: kept problems, counts, verdict."""
+    """The terminal form: kept problems, counts, whether the log is complete, verdict."""
     _print_issues(report, console)
-    console.print(_counts_table(report))
+    if report.meta is not None or report.lines:  # a Parquet log of the wrong shape: no counts
+        console.print(_counts_table(report))
+    if report.completeness and report.complete is not False:
+        console.print(report.completeness, highlight=False, markup=False)
     path = report.path
     if report.valid:
         note = f" ({report.warning_count} warnings)" if report.warning_count else ""
@@ -38,7 +41,11 @@ def _print_issues(report: ValidationReport, console: Console) -> None:
 
 def _counts_table(report: ValidationReport) -> Table:
     table = Table(show_header=False, box=None, padding=(0, 2))
-    table.add_row("lines", f"{report.lines:,}")
+    if report.files:
+        table.add_row(
+            "files", f"{len(report.files)} data-parallel ranks: {', '.join(report.files)}"
+        )
+    table.add_row("rows" if report.form == "parquet" else "lines", f"{report.lines:,}")
     table.add_row("valid routes", f"{report.routes:,}")
     for layer, n in report.routes_by_layer.items():
         table.add_row(f"  layer {layer}", f"{n:,}")
