@@ -144,10 +144,17 @@ def test_p5_is_numpys_inverted_cdf_on_values_rounded_to_the_bins() -> None:
     assert np.isnan(histogram_quantile(np.zeros(ep.BINS + 1), 0.05))
 
 
-def test_the_fit_takes_the_first_half_of_short_logs_and_near_half_of_long_ones() -> None:
-    assert [split_point(t) for t in (1, 2, 3, 10, 33)] == [0, 1, 1, 5, 16]
-    for t in (100, 1_000, 12_345, 10**6):
-        assert 0.39 * t <= split_point(t) <= t // 2
+def test_the_fit_takes_exactly_the_first_half_of_the_steps() -> None:
+    assert [split_point(t) for t in (0, 1, 2, 3, 10, 33, 12_345, 10**6)] == [
+        0,
+        0,
+        1,
+        1,
+        5,
+        16,
+        6_172,
+        500_000,
+    ]
 
 
 # --------------------------------------------------------------------------- known answers
@@ -273,7 +280,7 @@ def test_every_figure_matches_the_slow_reference(tmp_path: Path) -> None:
     body = skewed_routes(n_requests=6, prompt=9, generated=30, experts=16, layers=(2, 7), seed=4)
     path = write_log(tmp_path / "s.jsonl", body, meta(layers_logged=[2, 7], num_experts=16))
     r = result(path, redundant_experts=4, ep_ranks=(2, 4))
-    assert (r.steps, r.fit_steps) == (6 + 29, split_point(35))  # prefill steps, decode steps
+    assert (r.steps, r.fit_steps, r.eval_steps) == (6 + 29, 17, 18)  # prefill + decode steps
     want = reference(path, r, redundant=4)
     for br in r.by_ranks:
         for la in br.layers:
@@ -295,8 +302,15 @@ def feed(path: Path, rows: np.ndarray | None = None, pieces: int = 1, **options:
     if rows is not None:
         chunk = chunk.take(rows)
     p = EpPass(log, log.meta.num_experts, PassOptions(**options))
-    for part in np.array_split(np.arange(len(chunk)), pieces):
+    parts = np.array_split(np.arange(len(chunk)), pieces)
+    for part in parts:
         p.add(chunk.take(part))
+    reads = 1
+    while p.needs_reread:  # the same chunks again
+        reads += 1
+        for part in parts:
+            p.add(chunk.take(part))
+    assert reads == 2
     return p.finish()
 
 
@@ -345,12 +359,16 @@ def test_routes_arriving_after_their_step_completed_are_counted_and_left_out(
     ]
 
 
-def test_long_logs_get_a_timeline_of_bounded_length(tmp_path: Path, no_vllm: None) -> None:
-    n = 5000
+def test_long_logs_split_exactly_in_half_and_get_a_timeline_of_bounded_length(
+    tmp_path: Path, no_vllm: None
+) -> None:
+    n = 5001
     tokens = [(s, (s % 16, (s + 5) % 16)) for s in range(n)]
     r = result(write_steps(tmp_path / "long.jsonl", tokens))
+    assert (r.steps, r.fit_steps, r.eval_steps, r.eval_from_step) == (n, 2500, 2501, 2500)
+    assert all(la.steps == 2501 for br in r.by_ranks for la in br.layers)
     t = r.timeline
-    assert t is not None and t.steps_per_point == 4 and t.step.size == n // 4
+    assert t is not None and t.steps_per_point == 4 and t.step.size == -(-n // 4)
     assert t.step[:2] == pytest.approx([1.5, 5.5])  # the mean step number of each point
     # two tokens on 16 experts: one or two ranks of R busy, the timeline says which on average
     assert np.nanmean(t.contiguous, axis=0) == pytest.approx(
@@ -398,7 +416,7 @@ def test_table_note_and_json_show_the_eval_figures(heavy: Path) -> None:
     out = io.StringIO()
     print_ep(r, Console(file=out, width=120))
     text = out.getvalue()
-    assert "fitted on the first 16, every figure over the last 24 (from step 16)" in text
+    assert "fitted on the first 20, every figure over the last 20 (from step 20)" in text
     four = r.by_ranks[1]
     assert f"{four.layers[0].contiguous_mean:.2f}" in text and f"{four.gain:+.2f}" in text
     note = markdown_note(report)
@@ -434,9 +452,39 @@ def test_ep_plot_draws_the_timeline_the_analysis_computed(heavy: Path, tmp_path:
         assert f"mean {br.eplb_mean:.2f}" in eplb.get_label()
         assert ax.get_ylabel().startswith("balancedness")
     assert axes[-1].get_xlabel() == "engine step"
-    assert "EPLB fitted on steps before 16" in fig._suptitle.get_text()
+    assert "EPLB fitted on steps before 20" in fig._suptitle.get_text()
     code, _ = run_cli("plot", str(heavy), "--kind", "ep", "-o", str(tmp_path / "ep.png"))
     assert code == 0 and (tmp_path / "ep.png").stat().st_size > 0
+
+
+def test_ep_plot_takes_the_rank_counts_and_redundant_experts_analyze_takes(
+    heavy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drawn = []
+    figure = plots.ep_figure
+
+    def kept(report: Any) -> Any:
+        drawn.append(report)
+        return figure(report)
+
+    monkeypatch.setattr(plots, "ep_figure", kept)
+    png = tmp_path / "ep.png"
+    args = ("plot", str(heavy), "--kind", "ep", "-o", str(png))
+    code, _ = run_cli(*args, "--ep-ranks", "4,8", "--redundant-experts", "4")
+    assert code == 0 and png.stat().st_size > 0
+    r = drawn[-1].logs[0].extras["ep"]
+    assert r.ranks == [4, 8] and r.redundant_experts == 4
+    fig = plots.ep_figure(drawn[-1])
+    four, eight = (ax for ax in fig.axes if ax.get_visible() and ax.lines)
+    assert [ax.get_title() for ax in (four, eight)] == ["4 ranks", "8 ranks"]
+    assert "EPLB, 4 redundant" in four.lines[1].get_label()
+    # 20 physical experts do not fill 8 ranks: no EPLB line ...
+    assert not any(line.get_label().startswith("EPLB") for line in eight.lines)
+    assert any("16 + 4 redundant = 20" in t.get_text() for t in eight.texts)  # ... and why
+    code, out = run_cli(*args, "--force", "--ep-ranks", "x")
+    assert code == 2 and "--ep-ranks 'x': give rank counts such as 2,4,8" in out
+    code, out = run_cli("plot", str(heavy), "-o", str(tmp_path / "h.png"), "--ep-ranks", "4")
+    assert code == 2 and "options of --kind ep" in out
 
 
 def test_ep_plot_of_a_log_without_steps_says_why(tmp_path: Path) -> None:
@@ -448,8 +496,58 @@ def test_ep_plot_of_a_log_without_steps_says_why(tmp_path: Path) -> None:
 def test_the_eplb_algorithm_is_vllms_own_file_unchanged() -> None:
     fn, source = ep.load_eplb()
     assert source.startswith("vLLM ") and source.endswith("DefaultEplbPolicy.rebalance_experts")
+    assert fn.__module__ == ep.EPLB_MODULE  # the plain import of vLLM's public module
     path = Path(fn.__func__.__code__.co_filename)
     assert path.parts[-5:] == ("vllm", "distributed", "eplb", "policy", "default.py")
+
+
+def test_when_vllm_fails_to_import_its_eplb_file_is_loaded_on_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    plain, _ = ep.load_eplb()
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now fails
+    fn, source = ep.load_eplb()
+    assert "(loaded from its file: `import vllm` failed with ModuleNotFoundError)" in source
+    assert fn.__func__.__code__.co_filename == plain.__func__.__code__.co_filename
+    weight = np.array([[9.0, 1, 1, 1, 5, 1, 1, 1]])
+    assert ep.eplb_placement(fn, weight, 10, 2).tolist() == (
+        ep.eplb_placement(plain, weight, 10, 2).tolist()
+    )
+    monkeypatch.setattr(ep, "_vllm_folder", lambda: None)
+    with pytest.raises(ImportError, match=r"^vLLM is not installed$"):
+        ep.load_eplb()
+
+
+def test_analyze_reads_the_log_twice_for_ep_after_the_same_exclusion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moeprof.analysis.reader import RouteLog
+
+    reads = []
+    chunks = RouteLog.chunks
+
+    def counted(self: RouteLog, *args: object, **kwargs: object) -> object:
+        reads.append(self.path)
+        return chunks(self, *args, **kwargs)
+
+    monkeypatch.setattr(RouteLog, "chunks", counted)
+    body = skewed_routes(n_requests=6, prompt=9, generated=30, experts=16, seed=4)
+    clean = write_log(tmp_path / "clean.jsonl", body, meta(num_experts=16))
+    want = figures(result(clean, ep_ranks=(4,)))
+    assert len(reads) == 2
+    reads.clear()
+    assert len(analyze_log(clean).extras) == 0 and len(reads) == 1  # no --ep: one read
+    # a dummy batch in front, in steps of its own: left out of both reads alike
+    dummy = [route("9", t, ids=(1, 2, 3, 4), step=1000 + t // 100) for t in range(300)]
+    dirty = write_log(tmp_path / "dirty.jsonl", dummy + body, meta(num_experts=16))
+    reads.clear()
+    a = analyze_log(
+        dirty, exclude_suspect=True, analyses=["ep"], options=PassOptions(ep_ranks=(4,))
+    )
+    assert len(reads) == 3  # the detector's pass, the exclusion pass, EP's second read
+    assert a.excluded == 300 and figures(a.extras["ep"]) == pytest.approx(want)
 
 
 def test_logs_of_many_layers_get_the_mean_and_the_least_even_layers(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from logfactory import meta, route, run_cli, skewed_routes, write_log
 
 from moeprof.analysis.analyze import analyze_log, analyze_logs
 from moeprof.analysis.contamination import (
+    Contamination,
     ContaminationDetector,
-    LastRoutes,
     RepeatedKeys,
     Run,
     SuspectFilter,
@@ -29,6 +29,8 @@ from moeprof.analysis.contamination import (
 from moeprof.analysis.reader import RouteLog
 from moeprof.render.note import markdown_note
 
+COLUMNS = ("group", "token_idx", "layer", "ids", "weights", "line")
+"""The detector's arguments, in order, as :func:`foreign_columns` names them."""
 PREFILL_BATCH = 1007
 DECODE_BATCHES = 134
 DECODE_BATCH = 25
@@ -73,6 +75,30 @@ def foreign_columns(layers: tuple[int, ...] = (0,)) -> dict[str, np.ndarray]:
         "group": np.tile(np.arange(len(layers)), n // len(layers)),
         "line": np.arange(2, n + 2),
     }
+
+
+def detect(
+    cols: dict[str, np.ndarray], size: int | None = None
+) -> tuple[ContaminationDetector, int]:
+    """A finished detector (``min_run`` 64) that saw ``cols`` in chunks of ``size`` rows (all
+    at once by default) and a second time when it asked (:attr:`needs_reread`), as ``analyze``
+    shows it a log; and how many times it saw them."""
+    det = ContaminationDetector(min_run=64, layers=int(cols["group"].max()) + 1)
+    step = size or cols["line"].size
+    chunks = [slice(a, a + step) for a in range(0, cols["line"].size, step)]
+    for s in chunks:
+        det.add(*(cols[k][s] for k in COLUMNS))
+    passes = 1
+    if det.needs_reread:
+        with pytest.raises(RuntimeError, match="reread"):
+            det.finish()
+        passes += 1
+        for s in chunks:
+            det.reread(*(cols[k][s] for k in COLUMNS))
+    assert not det.needs_reread
+    verdict = det.finish()
+    assert isinstance(verdict, Contamination)
+    return det, passes
 
 
 def write_foreign(path: Path, layers: tuple[int, ...] = (0,)) -> Path:
@@ -173,26 +199,6 @@ def test_a_two_layer_foreign_log_has_its_runs_per_layer(tmp_path: Path) -> None:
     assert "8,192 (x2) and 256 (x2) long" in c.describe()
 
 
-def test_the_verdict_does_not_depend_on_where_chunks_end() -> None:
-    cols = foreign_columns()
-    verdicts = []
-    for size in (12_805, 4096, 700, 63):
-        det = ContaminationDetector(min_run=64)
-        for a in range(0, cols["line"].size, size):
-            s = slice(a, a + size)
-            det.add(
-                cols["group"][s],
-                cols["token_idx"][s],
-                cols["layer"][s],
-                cols["ids"][s],
-                cols["weights"][s],
-                cols["line"][s],
-            )
-        verdicts.append(det.finish())
-    assert all(v == verdicts[0] for v in verdicts[1:])
-    assert verdicts[0].kept_records == REAL
-
-
 # --------------------------------------------------------------------------- hook-like logs
 
 
@@ -290,27 +296,6 @@ def test_route_fingerprints_tell_routes_apart_bit_for_bit() -> None:
         route_fingerprints(ids, w[:, :3])
 
 
-def test_last_routes_hands_back_each_keys_previous_fingerprint() -> None:
-    lr = LastRoutes()
-    g = np.array([0, 0, 1, 0])
-    p = np.array([5, 6, 5, 5])
-    fp = np.array([10, 11, 12, 13], np.uint32)
-    assert lr.exchange(g, p, fp).tolist() == [0, 0, 0, 10]  # row 3 repeats row 0's key
-    assert lr.exchange(
-        np.array([0, 1, 1]), np.array([5, 5, 5000]), np.uint32([7, 8, 9])
-    ).tolist() == [
-        13,
-        12,
-        0,
-    ]
-    far = LastRoutes.FAR + 1
-    assert lr.exchange(np.array([2, 2]), np.array([far, far]), np.uint32([4, 5])).tolist() == [0, 4]
-    # regions grow and the buffer compacts without losing anything
-    many = np.arange(3000)
-    lr.exchange(many % 300, many, np.full(3000, 3, np.uint32))
-    assert lr.exchange(np.array([0, 1]), np.array([5, 5000]), np.uint32([1, 1])).tolist() == [7, 9]
-
-
 def test_restarts_count_token_idx_that_do_not_rise_within_a_group() -> None:
     r = _Restarts()
     r.add(np.array([0, 0, 1, 0, 1]), np.array([0, 1, 0, 0, 1]))  # group 0: 0, 1, 0 -> 1
@@ -320,53 +305,126 @@ def test_restarts_count_token_idx_that_do_not_rise_within_a_group() -> None:
 
 def test_suspect_filter_needs_no_fingerprints_when_nothing_was_double_logged() -> None:
     cols = foreign_columns()
-    det = ContaminationDetector()
-    det.add(*(cols[k] for k in ("group", "token_idx", "layer", "ids", "weights", "line")))
+    det, _ = detect(cols)
     f = SuspectFilter(det)
     assert f._last is None
-    drop = f.mask(*(cols[k] for k in ("group", "token_idx", "layer", "ids", "weights", "line")))
+    drop = f.mask(*(cols[k] for k in COLUMNS))
     assert drop[:DUMMY].all() and not drop[DUMMY:].any()
+
+
+def _dummy_log(real: int, dummy: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A dummy batch (identical routes under keys the real tokens reuse) then real tokens."""
+    ids, w = _real_routes(real, rng)
+    return {
+        "group": np.zeros(real + dummy, np.int64),
+        "token_idx": np.concatenate([np.arange(dummy), np.arange(real)]),
+        "layer": np.full(real + dummy, 12),
+        "ids": np.concatenate([np.tile([[1, 2, 3, 4]], (dummy, 1)), ids]),
+        "weights": np.concatenate([np.tile(np.float32([[0.4, 0.3, 0.2, 0.1]]), (dummy, 1)), w]),
+        "line": np.arange(2, real + dummy + 2),
+    }
+
+
+def test_contamination_finds_a_dummy_batch_run_split_across_chunks() -> None:
+    cols = _dummy_log(real=3000, dummy=2000, rng=np.random.default_rng(2))
+    det, passes = detect(cols, 700)  # chunk boundaries fall inside the run
+    c = det.finish()
+    assert (c.dummy_runs, c.dummy_records, c.run_lengths) == (1, 2000, {2000: 1})
+    assert c.longest_run == Run(12, 2, 2001, 2000)
+    # the real tokens reuse the dummy batch's keys 0..1999 with their own routes: kept, and
+    # told apart from double logging by a second look at the repeated keys' routes
+    assert passes == 2
+    assert c.repeated_keys == RepeatedKeys(same_route=0, after_dummy=2000, different_route=0)
+    assert c.double_logged_records == 0 and c.key_scheme == "distinct"
+    assert c.suspect_records == 2000 and c.suspect_share == pytest.approx(0.4)
+    assert c.kept_records == 3000
+    drop = SuspectFilter(det).mask(*(cols[k] for k in COLUMNS))
+    assert drop[:2000].all() and not drop[2000:].any()  # real tokens reusing the keys stay
+
+
+def test_double_logged_tokens_keep_their_first_copy_when_excluded() -> None:
+    ids, w = _real_routes(100, np.random.default_rng(4))
+    cols = {  # the block written twice
+        "group": np.zeros(200, np.int64),
+        "token_idx": np.concatenate([np.arange(100), np.arange(100)]),
+        "layer": np.full(200, 12),
+        "ids": np.concatenate([ids, ids]),
+        "weights": np.concatenate([w, w]),
+        "line": np.arange(2, 202),
+    }
+    det, passes = detect(cols)
+    c = det.finish()
+    assert passes == 2
+    assert (c.double_logged_records, c.dummy_runs, c.suspect_records) == (100, 0, 100)
+    assert c.repeated_keys == RepeatedKeys(same_route=100)
+    drop = SuspectFilter(det).mask(*(cols[k] for k in COLUMNS))
+    assert drop.tolist() == [False] * 100 + [True] * 100
+
+
+def test_short_runs_of_identical_routes_are_not_flagged_and_need_one_pass() -> None:
+    cols = _dummy_log(real=500, dummy=63, rng=np.random.default_rng(3))
+    cols["token_idx"] = np.arange(cols["line"].size)  # no repeated keys
+    det, passes = detect(cols)
+    c = det.finish()
+    assert passes == 1
+    assert not c.suspicious and c.dummy_runs == 0 and c.longest_run is None
+    assert c.describe() == ""
 
 
 # --------------------------------------------------------------------------- two passes
 
-_COLUMNS = ("group", "token_idx", "layer", "ids", "weights", "line")
 
-
-def _verdict(cols: dict[str, np.ndarray], size: int, *, reread: bool) -> tuple[object, int]:
-    """(verdict, times the detector saw the columns) in chunks of ``size`` rows."""
-    det = ContaminationDetector(min_run=64, layers=int(cols["group"].max()) + 1, reread=reread)
-    chunks = [slice(a, a + size) for a in range(0, cols["line"].size, size)]
-    for s in chunks:
-        det.add(*(cols[k][s] for k in _COLUMNS))
-    passes = 1
-    if det.needs_reread:
-        with pytest.raises(RuntimeError, match="reread"):
-            det.finish()
-        passes += 1
-        for s in chunks:
-            det.reread(*(cols[k][s] for k in _COLUMNS))
-    assert not det.needs_reread
-    return det.finish(), passes
+def slow_verdict(cols: dict[str, np.ndarray], min_run: int = 64) -> tuple[int, RepeatedKeys]:
+    """(dummy records, repeated keys) the obvious way, one record at a time: runs of at least
+    ``min_run`` consecutive identical routes (ids and weight bits) of one layer are dummy;
+    then, in file order, each record outside them whose (group, token_idx) key an earlier
+    record had is sorted by that previous record: same route, else a dummy-run record, else
+    a real one."""
+    n = cols["line"].size
+    bits = cols["weights"].view(np.uint32)
+    routes = [(tuple(cols["ids"][i].tolist()), tuple(bits[i].tolist())) for i in range(n)]
+    in_run = np.zeros(n, bool)
+    for lay in np.unique(cols["layer"]).tolist():
+        rows = np.flatnonzero(cols["layer"] == lay).tolist()
+        start = 0
+        for j in range(1, len(rows) + 1):
+            if j == len(rows) or routes[rows[j]] != routes[rows[j - 1]]:
+                if j - start >= min_run:
+                    in_run[rows[start:j]] = True
+                start = j
+    last: dict[tuple[int, int], tuple[tuple, bool]] = {}
+    same = after = other = 0
+    for i, key in enumerate(zip(cols["group"].tolist(), cols["token_idx"].tolist(), strict=True)):
+        prev = last.get(key)
+        if prev is not None and not in_run[i]:
+            if prev[0] == routes[i]:
+                same += 1
+            elif prev[1]:
+                after += 1
+            else:
+                other += 1
+        last[key] = (routes[i], bool(in_run[i]))
+    return int(in_run.sum()), RepeatedKeys(same, after, other)
 
 
 @pytest.mark.parametrize("layers", [(0,), (0, 5)])
-def test_the_reread_detector_classifies_repeated_keys_as_the_one_pass_one_does(
-    layers: tuple[int, ...],
-) -> None:
+def test_the_verdict_equals_a_slow_reference_wherever_chunks_end(layers: tuple[int, ...]) -> None:
     cols = foreign_columns(layers)
-    for size in (cols["line"].size, 4096, 700, 63):
-        one, one_passes = _verdict(cols, size, reread=False)
-        two, two_passes = _verdict(cols, size, reread=True)
-        assert (one_passes, two_passes) == (1, 2)
-        assert two == one
     # double logging too: the foreign log's real part written twice, after its dummy runs
     real = slice(len(layers) * DUMMY, None)
-    twice = {k: np.concatenate([cols[k], cols[k][real]]) if k != "line" else None for k in _COLUMNS}
+    twice = {k: np.concatenate([cols[k], cols[k][real]]) for k in COLUMNS}
     twice["line"] = np.arange(2, twice["group"].size + 2)
-    one, _ = _verdict(twice, 1000, reread=False)
-    two, _ = _verdict(twice, 1000, reread=True)
-    assert two == one and two.repeated_keys.total == one.repeated_keys.total > 0
+    for log in (cols, twice):
+        dummy, repeated = slow_verdict(log)
+        verdicts = []
+        for size in (log["line"].size, 4096, 700, 63):
+            det, passes = detect(log, size)
+            verdicts.append(det.finish())
+            assert passes == 2  # keys repeat outside the dummy runs: a second look
+        assert all(v == verdicts[0] for v in verdicts[1:])
+        assert (verdicts[0].dummy_records, verdicts[0].repeated_keys) == (dummy, repeated)
+    assert verdicts[0].repeated_keys.same_route > 0  # the second copy (the key scheme is
+    # degenerate, so it is not called double logging)
 
 
 def test_a_hook_log_is_read_once_and_repeated_keys_once_more(

@@ -1,5 +1,5 @@
-"""Statistics, running sums, position sets and contamination against hand-computed values on
-tiny inputs."""
+"""Statistics, running sums and position sets against hand-computed values on tiny inputs
+(contamination: tests/test_foreign_logs.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,6 @@ from moeprof.analysis.accumulate import (
     ImplausibleExpertIdError,
     LayerPhaseAccumulators,
     RoutingAccumulator,
-)
-from moeprof.analysis.contamination import (
-    ContaminationDetector,
-    RepeatedKeys,
-    Run,
-    SuspectFilter,
 )
 from moeprof.analysis.positions import PositionSet
 from moeprof.analysis.summary import summarize
@@ -193,67 +187,3 @@ def test_position_set_survives_region_growth_and_far_positions() -> None:
     far = np.array([PositionSet.FAR + 3, PositionSet.FAR + 3])
     assert ps.add(np.array([2, 2]), far).tolist() == [False, True]
     assert ps.count.tolist() == [5000, 5000, 1]
-
-
-def _dummy_log(real: int, dummy: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """A dummy batch (identical routes under keys the real tokens reuse) then real tokens."""
-    ids = np.argsort(rng.random((real, 60)), axis=1)[:, :4]
-    w = rng.random((real, 4)).astype(np.float32)
-    d_ids = np.tile([[1, 2, 3, 4]], (dummy, 1))
-    d_w = np.tile(np.float32([[0.4, 0.3, 0.2, 0.1]]), (dummy, 1))
-    group = np.zeros(real + dummy, np.int64)
-    pos = np.concatenate([np.arange(dummy), np.arange(real)])
-    return (
-        group,
-        pos,
-        np.full(real + dummy, 12),
-        np.concatenate([d_ids, ids]),
-        np.concatenate([d_w, w]),
-        np.arange(2, real + dummy + 2),
-    )
-
-
-def test_contamination_finds_a_dummy_batch_run_split_across_chunks() -> None:
-    group, pos, layer, ids, w, line = _dummy_log(
-        real=3000, dummy=2000, rng=np.random.default_rng(2)
-    )
-    det = ContaminationDetector(min_run=64)
-    for a in range(0, group.size, 700):  # chunk boundaries fall inside the run
-        s = slice(a, a + 700)
-        det.add(group[s], pos[s], layer[s], ids[s], w[s], line[s])
-    c = det.finish()
-    assert (c.dummy_runs, c.dummy_records, c.run_lengths) == (1, 2000, {2000: 1})
-    assert c.longest_run == Run(12, 2, 2001, 2000)
-    # the real tokens reuse the dummy batch's keys 0..1999 with their own routes: kept
-    assert c.repeated_keys == RepeatedKeys(same_route=0, after_dummy=2000, different_route=0)
-    assert c.double_logged_records == 0 and c.key_scheme == "distinct"
-    assert c.suspect_records == 2000 and c.suspect_share == pytest.approx(0.4)
-    assert c.kept_records == 3000
-    drop = SuspectFilter(det).mask(group, pos, layer, ids, w, line)
-    assert drop[:2000].all() and not drop[2000:].any()  # real tokens reusing the keys stay
-
-
-def test_double_logged_tokens_keep_their_first_copy_when_excluded() -> None:
-    rng = np.random.default_rng(4)
-    ids = np.argsort(rng.random((100, 60)), axis=1)[:, :4]
-    w = rng.random((100, 4)).astype(np.float32)
-    ids, w = np.concatenate([ids, ids]), np.concatenate([w, w])  # the block written twice
-    pos = np.concatenate([np.arange(100), np.arange(100)])
-    group, layer, line = np.zeros(200, np.int64), np.full(200, 12), np.arange(2, 202)
-    det = ContaminationDetector()
-    det.add(group, pos, layer, ids, w, line)
-    c = det.finish()
-    assert (c.double_logged_records, c.dummy_runs, c.suspect_records) == (100, 0, 100)
-    assert c.repeated_keys == RepeatedKeys(same_route=100)
-    drop = SuspectFilter(det).mask(group, pos, layer, ids, w, line)
-    assert drop.tolist() == [False] * 100 + [True] * 100
-
-
-def test_short_runs_of_identical_routes_are_not_flagged() -> None:
-    group, pos, layer, ids, w, line = _dummy_log(real=500, dummy=63, rng=np.random.default_rng(3))
-    pos = np.arange(group.size)  # no repeated keys
-    det = ContaminationDetector(min_run=64)
-    det.add(group, pos, layer, ids, w, line)
-    c = det.finish()
-    assert not c.suspicious and c.dummy_runs == 0 and c.longest_run is None
-    assert c.describe() == ""

@@ -14,7 +14,9 @@ from logfactory import meta, route, run_cli, write_log
 
 from moeprof.analysis import tokens as tok
 from moeprof.analysis.analyze import analyze_log, analyze_logs
+from moeprof.analysis.outputs import rank_ids, read_token_ids
 from moeprof.analysis.passes import PassOptions, Skipped
+from moeprof.analysis.reader import LogError
 from moeprof.analysis.tokens import (
     SparseCounts,
     TokenAnalysis,
@@ -25,6 +27,7 @@ from moeprof.analysis.tokens import (
     top_tokens,
     vocabulary_specialization,
 )
+from moeprof.analysis.validate import load_outputs
 from moeprof.render.note import markdown_note
 from moeprof.tiny import tiny_model_path
 
@@ -156,6 +159,74 @@ def test_sparse_counts_merge_to_the_exact_counts(monkeypatch: pytest.MonkeyPatch
     sc.merge()
     keys, counts = np.unique(np.concatenate(chunks), return_counts=True)
     assert sc.keys.tolist() == keys.tolist() and sc.counts.tolist() == counts.tolist()
+
+
+def test_the_null_draw_in_chunks_is_the_draw_in_one_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    sample = rng.integers(0, 9, (50, 3))
+    occurrences = rng.integers(1, 40, 200)
+    whole = [null_specialization(sample, occurrences, 9, top1=t, repeats=2) for t in (1, 0)]
+    monkeypatch.setattr(tok, "_NULL_CHUNK", 7)  # chunks end inside tokens' occurrences
+    assert [null_specialization(sample, occurrences, 9, top1=t, repeats=2) for t in (1, 0)] == (
+        whole
+    )
+
+
+def test_ranks_are_numpys_unique_inverse_with_or_without_the_lookup_table() -> None:
+    for ids in (np.array([7, 3, 7, 151_000, 0, 3]), np.array([5, -2, 1 << 40, 5])):
+        vocab, ranks = rank_ids(ids)
+        want_vocab, want_ranks = np.unique(ids, return_inverse=True)
+        assert vocab.tolist() == want_vocab.tolist() and ranks.tolist() == want_ranks.tolist()
+        assert ranks.dtype == np.int32
+
+
+def test_token_ids_are_read_one_record_at_a_time_with_load_outputs_errors(
+    tmp_path: Path,
+) -> None:
+    outputs = write_outputs(
+        tmp_path / "o.jsonl",
+        [
+            {"req_id": "a", "prompt_token_ids": [5, 9, 5], "output_token_ids": [2]},
+            {"req_id": "old", "prompt_tokens": 3, "generated_tokens": 1},
+            {"req_id": "b", "prompt_token_ids": [9], "output_token_ids": []},
+        ],
+    )
+    t = read_token_ids(outputs)
+    assert t.rows == {"a": 0, "old": 1, "b": 2}
+    assert t.offset.tolist() == [0, -1, 4] and t.length.tolist() == [4, 0, 1]
+    assert t.vocab[t.ranks].tolist() == [5, 9, 5, 2, 9] and t.usable
+    good = outputs.read_text().splitlines()
+    bad = {
+        "missing.jsonl": None,
+        "empty.jsonl": "\n\n",
+        "twice.jsonl": "\n".join([good[0], "", good[0]]) + "\n",
+        "invalid.jsonl": "\r\n".join([good[0], '{"req_id": "x"}']),
+    }
+    said = {}
+    for name, text in bad.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text, newline="")
+        with pytest.raises(LogError) as want:
+            load_outputs(path)
+        with pytest.raises(LogError) as got:
+            read_token_ids(path)
+        assert str(got.value) == str(want.value)
+        said[name] = str(got.value).removeprefix(str(path))
+    assert said["missing.jsonl"] == ": no such file"
+    assert said["empty.jsonl"] == ": no output records"
+    assert said["twice.jsonl"] == ":3: req_id 'a' appears twice"
+    assert said["invalid.jsonl"].startswith(":2: ")
+
+
+def test_dense_and_sparse_counts_give_the_same_analysis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log, outputs, _ = synthetic_run(tmp_path, requests=8)
+    dense = token_analysis(log, outputs, extra={"min_token_count": 2})
+    monkeypatch.setattr(tok, "DENSE_MAX_BYTES", 0)
+    sparse = token_analysis(log, outputs, extra={"min_token_count": 2})
+    assert isinstance(dense, TokenAnalysis) and dense == sparse
 
 
 # --------------------------------------------------------------------------- a synthetic run

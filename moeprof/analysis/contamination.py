@@ -33,17 +33,15 @@ copy). Only dummy runs are then excluded.
 "Same route" compares a 32-bit fingerprint of the route (:func:`route_fingerprints`): two
 different routes are taken for the same with probability 2**-32 per comparison.
 
-Memory: ``analyze`` reads the log with a ``reread=True`` detector
-(:class:`ContaminationDetector`): 1 bit per (request, layer, position) key
-(:class:`~moeprof.analysis.positions.PositionSet`, about 2.5 MB per 10M routes) to find the
-keys that repeat, and those keys (8 bytes each). Only when keys repeat outside dummy runs (a
-hook's logs have none, unless written twice) is the log read a second time, keeping the route
-fingerprint last logged under each repeated key (:class:`KeyedRoutes`, 12 bytes per repeated
-key) to tell double logging from key collisions. Besides: 8 bytes per (request, layer) for
-``token_idx`` restarts and one small record per run found. The one-pass detector (the default)
-keeps a fingerprint for every key instead (:class:`LastRoutes`, 4-16 bytes per key). The
-exclusion pass of ``--exclude-suspect`` keeps fingerprints for the repeated keys only when
-double logging was found.
+Memory: the detector (:class:`ContaminationDetector`) keeps 1 bit per (request, layer,
+position) key (:class:`~moeprof.analysis.positions.PositionSet`, about 2.5 MB per 10M routes)
+to find the keys that repeat, and those keys (8 bytes each). Only when keys repeat outside
+dummy runs (a hook's logs have none, unless written twice) is the log read a second time
+(:meth:`ContaminationDetector.reread`), keeping the route fingerprint last logged under each
+repeated key (:class:`KeyedRoutes`, 12 bytes per repeated key) to tell double logging from key
+collisions. Besides: 8 bytes per (request, layer) for ``token_idx`` restarts and one small
+record per run found. The exclusion pass of ``--exclude-suspect`` keeps fingerprints for the
+repeated keys only when double logging was found.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ from typing import Literal
 
 import numpy as np
 
-from moeprof.analysis.positions import PositionSet, _concat_ranges
+from moeprof.analysis.positions import PositionSet
 
 DEGENERATE_SHARE = 0.05
 """Key collisions (a key repeated with a different route, its previous record not a dummy)
@@ -248,7 +246,8 @@ def route_fingerprints(ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """A 32-bit fingerprint of each route (row): of its ids in order and its weights' float32
     bits (so ``0.0`` and ``-0.0`` differ, as bit-for-bit run detection has them). Equal routes
     get equal fingerprints; different ones collide with probability about 2**-32. Never 0 (0
-    means "no route" in :class:`LastRoutes`). ``ids`` (n, k) integers, ``weights`` (n, k)."""
+    means "no route yet" in :class:`KeyedRoutes`). ``ids`` (n, k) integers, ``weights``
+    (n, k)."""
     if ids.ndim != 2 or weights.shape != ids.shape:
         raise ValueError(
             f"`ids` and `weights` must be (n, k) arrays of one shape, got {ids.shape} and "
@@ -269,91 +268,6 @@ def route_fingerprints(ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
     fp = (h >> np.uint64(32)).astype(np.uint32)
     fp[fp == 0] = 1
     return fp
-
-
-class LastRoutes:
-    """The fingerprint of the route last logged under each (group, position) key.
-
-    A group is one (request, layer) pair. Each group has a region of a uint32 buffer indexed by
-    position; regions grow by doubling (at least 64 positions), and the buffer is compacted
-    when it grows, so it holds at most about twice the regions' capacity: 4-16 bytes per
-    distinct key. Positions beyond ``FAR`` (no real sequence is that long) go to a dict.
-    """
-
-    FAR = 1 << 24
-    MIN_REGION = 64
-
-    def __init__(self) -> None:
-        self._buf = np.zeros(1 << 16, np.uint32)
-        self._used = 0
-        self._base = np.zeros(0, np.int64)
-        self._cap = np.zeros(0, np.int64)
-        self._far: dict[tuple[int, int], int] = {}
-
-    @property
-    def nbytes(self) -> int:
-        return int(self._buf.nbytes + self._base.nbytes + self._cap.nbytes)
-
-    def exchange(self, group: np.ndarray, pos: np.ndarray, fp: np.ndarray) -> np.ndarray:
-        """Log routes ``fp`` (rows in file order) under keys (``group``, ``pos``); returns, for
-        each row, the fingerprint its key held before it (an earlier chunk's or an earlier row
-        of this one), 0 for a key's first record."""
-        n = group.size
-        prev = np.zeros(n, np.uint32)
-        if n == 0:
-            return prev
-        group = group.astype(np.int64, copy=False)
-        pos = pos.astype(np.int64, copy=False)
-        near = pos < self.FAR
-        if not near.all():
-            for i in np.flatnonzero(~near).tolist():
-                key = (int(group[i]), int(pos[i]))
-                prev[i] = self._far.get(key, 0)
-                self._far[key] = int(fp[i])
-            rows = np.flatnonzero(near)
-            if rows.size:
-                prev[rows] = self._exchange_near(group[rows], pos[rows], fp[rows])
-            return prev
-        return self._exchange_near(group, pos, fp)
-
-    def _exchange_near(self, group: np.ndarray, pos: np.ndarray, fp: np.ndarray) -> np.ndarray:
-        self._ensure(group, pos)
-        return _exchange_slots(self._buf, self._base[group] + pos, fp)
-
-    def _ensure(self, group: np.ndarray, pos: np.ndarray) -> None:
-        """Room for every (group, pos): new groups, and regions grown to hold the positions."""
-        size = int(group.max()) + 1
-        old = self._cap.size
-        if size > old:
-            self._base = np.concatenate([self._base, np.zeros(size - old, np.int64)])
-            self._cap = np.concatenate([self._cap, np.zeros(size - old, np.int64)])
-        need = np.zeros(self._cap.size, np.int64)
-        np.maximum.at(need, group, pos + 1)
-        grow = np.flatnonzero(need > self._cap)
-        if grow.size:
-            self._grow(grow, need[grow])
-
-    def _grow(self, groups: np.ndarray, need: np.ndarray) -> None:
-        new_cap = np.maximum(np.maximum(need, 2 * self._cap[groups]), self.MIN_REGION)
-        total = int(new_cap.sum())
-        if self._used + total <= self._buf.size:  # new regions at the end, contents copied
-            new_base = self._used + np.cumsum(new_cap) - new_cap
-            old = self._cap[groups]
-            self._buf[_concat_ranges(new_base, old)] = self._buf[
-                _concat_ranges(self._base[groups], old)
-            ]
-            self._base[groups] = new_base
-            self._cap[groups] = new_cap
-            self._used += total
-            return
-        # compact: every region afresh, the grown ones at their new size, into a new buffer
-        cap = self._cap.copy()
-        cap[groups] = new_cap
-        live = int(cap.sum())
-        base = np.cumsum(cap) - cap
-        buf = np.zeros(max(2 * live, 1 << 16), np.uint32)
-        buf[_concat_ranges(base, self._cap)] = self._buf[_concat_ranges(self._base, self._cap)]
-        self._buf, self._base, self._cap, self._used = buf, base, cap, live
 
 
 def _exchange_slots(buf: np.ndarray, slot: np.ndarray, fp: np.ndarray) -> np.ndarray:
@@ -505,7 +419,7 @@ class _Restarts:
 # --------------------------------------------------------------------------- detection
 
 _SAME, _AFTER_DUMMY, _OTHER = 0, 1, 2
-"""Columns of the per-row repeat flags: same route, different after a dummy, different."""
+"""Entries of the second pass's counts: same route, different after a dummy, different."""
 
 
 @dataclass
@@ -516,12 +430,13 @@ class _OpenRun:
     length: int
     first_line: int
     last_line: int
-    flags: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
+    repeats: int = 0
+    """Its records whose key an earlier record had."""
 
 
 @dataclass
 class _Plan:
-    """One layer's rows of a chunk, split into runs before the repeat flags are known."""
+    """One layer's rows of a chunk, split into runs before their repeated keys are counted."""
 
     rows: np.ndarray | None
     bounds: np.ndarray
@@ -535,41 +450,36 @@ class _Plan:
 
 
 class ContaminationDetector:
-    """Streams over routes and sorts every record into dummy batch, double-logged or kept.
+    """Streams over routes and sorts every record into dummy batch, double-logged or kept, in
+    one pass and, only when keys repeat outside dummy runs, a second one.
 
     ``layers`` is the number of logged layers (group codes are ``req * layers + slot``, as
     :meth:`RouteLog.groups` makes them), so that distinct req_ids can be counted.
 
-    By default the detector keeps the route fingerprint last logged under every key
-    (:class:`LastRoutes`) and :meth:`finish` gives the verdict after one pass. With
-    ``reread=True`` it keeps one bit per key (:class:`~moeprof.analysis.positions.PositionSet`)
-    and the keys that repeat: when, after the pass, :attr:`needs_reread` says that keys repeat
-    outside dummy runs, show the same log again to :meth:`reread`, chunk by chunk in file order
-    (fingerprints are then kept for the repeated keys only), before :meth:`finish`. The verdict
-    is the same either way.
+    Show every chunk to :meth:`add`, in file order. The pass keeps one bit per key
+    (:class:`~moeprof.analysis.positions.PositionSet`) and the keys that repeat. Then, when
+    :attr:`needs_reread` says that keys repeat outside dummy runs, show the same log again to
+    :meth:`reread`, chunk by chunk in file order (route fingerprints are kept for the repeated
+    keys only), and finally call :meth:`finish` for the verdict.
     """
 
-    def __init__(self, min_run: int = 64, layers: int = 1, *, reread: bool = False) -> None:
+    def __init__(self, min_run: int = 64, layers: int = 1) -> None:
         if min_run < 2:
             raise ValueError(f"`min_run` must be >= 2, got {min_run}")
         if layers < 1:
             raise ValueError(f"`layers` must be >= 1, got {layers}")
         self.min_run = min_run
         self.layers = layers
-        self._rereads = reread
-        self._last: LastRoutes | None = None if reread else LastRoutes()
-        self._seen: PositionSet | None = PositionSet() if reread else None
+        self._seen: PositionSet | None = PositionSet()
         self._repeated = _KeySet()
         """Keys an earlier record had (for the second pass and for :class:`SuspectFilter`)."""
         self._restarts = _Restarts()
         self._records = 0
         self._groups = 0
-        width = 1 if reread else 3
-        self._flags = np.zeros(width, np.int64)
-        """Repeat flags of every record so far, dummy or not: with ``reread`` one column
-        (repeats a key), else three (same route, different after a dummy, different)."""
-        self._run_flags = np.zeros(width, np.int64)
-        """Repeat flags of the records in dummy runs (subtracted at the end)."""
+        self._repeats = 0
+        """Records so far, dummy or not, whose key an earlier record had."""
+        self._run_repeats = 0
+        """... of them, those in dummy runs."""
         self._open: dict[int, _OpenRun] = {}
         self._runs: list[Run] = []
         self._run_records = 0
@@ -579,10 +489,11 @@ class ContaminationDetector:
         """Layer -> dummy route fingerprint -> the first line of the chunk it was found in
         (from there on a repeated key whose previous route is that one counts as after a
         dummy)."""
-        self._dummy_fp_arrays: dict[int, np.ndarray] = {}
         self._first_pass_done = False
         self._reread: _Reread | None = None
-        self._reread_flags = np.zeros(3, np.int64)
+        self._reread_counts = np.zeros(3, np.int64)
+        """The second pass's repeated keys outside dummy runs: same route, different after a
+        dummy, different (all 0 when there was no second pass: no key repeated outside)."""
         self.verdict: Contamination | None = None
 
     def add(
@@ -605,34 +516,16 @@ class ContaminationDetector:
         self._restarts.add(group, token_idx)
         chunk_start = int(line[0])
         layers = np.unique(layer)
-        if self._seen is not None:
-            fp = None
-            dup = self._seen.add(group, token_idx)
-            repeat = np.flatnonzero(dup)
-            flags = None
-            if repeat.size:
-                flags = dup.astype(np.int64)[:, None]
-                self._flags[0] += repeat.size
-                self._repeated.add(group[repeat], token_idx[repeat])
-        else:
-            assert self._last is not None
-            fp = route_fingerprints(ids, weights)
-            prev = self._last.exchange(group, token_idx, fp)
-            repeat = np.flatnonzero(prev)
-            if repeat.size:
-                self._repeated.add(group[repeat], token_idx[repeat])
-        plans = []
+        assert self._seen is not None
+        dup = self._seen.add(group, token_idx)
+        repeat = np.flatnonzero(dup)
+        if repeat.size:
+            self._repeats += repeat.size
+            self._repeated.add(group[repeat], token_idx[repeat])
         for lay in layers.tolist():
             rows = None if layers.size == 1 else np.flatnonzero(layer == lay)
-            plans.append(
-                (int(lay), self._split(int(lay), rows, ids, weights, fp, line, chunk_start))
-            )
-        if fp is not None:
-            flags = self._repeat_flags(prev, fp, layer)
-            if flags is not None:
-                self._flags += flags.sum(axis=0)
-        for lay, plan in plans:
-            self._settle(lay, plan, flags, line)
+            plan = self._split(int(lay), rows, ids, weights, line, chunk_start)
+            self._settle(int(lay), plan, dup if repeat.size else None, line)
 
     def _split(
         self,
@@ -640,21 +533,15 @@ class ContaminationDetector:
         rows: np.ndarray | None,
         ids: np.ndarray,
         w: np.ndarray,
-        fp: np.ndarray | None,
         line: np.ndarray,
         chunk_start: int,
     ) -> _Plan:
         """Find where one layer's rows of the chunk change route; note the runs that end here
-        (their routes are dummy routes from now on) and open the chunk's last run. ``fp``: the
-        rows' route fingerprints, None to work out only those needed."""
+        (their routes are dummy routes from now on) and open the chunk's last run."""
         if rows is not None:
             ids, w, line = ids[rows], w[rows], line[rows]
-            if fp is not None:
-                fp = fp[rows]
 
         def fp_at(i: int) -> int:
-            if fp is not None:
-                return int(fp[i])
             return int(route_fingerprints(ids[i : i + 1], w[i : i + 1])[0])
 
         n = ids.shape[0]
@@ -689,7 +576,6 @@ class ContaminationDetector:
                 n - a,
                 int(line[a]),
                 int(line[n - 1]),
-                np.zeros(self._flags.size, np.int64),
             )
             self._open[layer] = opened
         return _Plan(rows, bounds, head, cur, closed, long_segments, opened)
@@ -698,49 +584,25 @@ class ContaminationDetector:
         fps = self._dummy_fps.setdefault(layer, {})
         if fp not in fps:
             fps[fp] = chunk_start
-            self._dummy_fp_arrays[layer] = np.fromiter(fps, np.uint32, len(fps))
 
-    def _repeat_flags(
-        self, prev: np.ndarray, fp: np.ndarray, layer: np.ndarray
-    ) -> np.ndarray | None:
-        """(n, 3) int64 one-hot flags (same route, different after a dummy, different) of the
-        rows that repeat a key; None when no row does."""
-        repeat = prev != 0
-        if not repeat.any():
-            return None
-        flags = np.zeros((prev.size, 3), np.int64)
-        same = repeat & (prev == fp)
-        flags[same, _SAME] = 1
-        diff = np.flatnonzero(repeat & ~same)
-        if diff.size:
-            after = np.zeros(diff.size, bool)
-            lay_d, prev_d = layer[diff], prev[diff]
-            for lay, fps in self._dummy_fp_arrays.items():
-                sel = lay_d == lay
-                if sel.any():
-                    after[sel] = np.isin(prev_d[sel], fps)
-            flags[diff[after], _AFTER_DUMMY] = 1
-            flags[diff[~after], _OTHER] = 1
-        return flags
-
-    def _settle(self, layer: int, plan: _Plan, flags: np.ndarray | None, line: np.ndarray) -> None:
-        """Add the chunk's repeat flags to the runs :meth:`_split` found, and record the runs
-        that ended and are long enough."""
+    def _settle(self, layer: int, plan: _Plan, dup: np.ndarray | None, line: np.ndarray) -> None:
+        """Count the chunk's repeated keys (``dup``: per row, whether its key was seen before;
+        None when none was) in the runs :meth:`_split` found, and record the runs that ended
+        and are long enough."""
         bounds, head = plan.bounds, plan.head
-        width = self._flags.size
-        if flags is None:
+        if dup is None:
             cum = None
         else:
-            f = flags if plan.rows is None else flags[plan.rows]
-            cum = np.zeros((f.shape[0] + 1, width), np.int64)
-            np.cumsum(f, axis=0, out=cum[1:])
+            d = dup if plan.rows is None else dup[plan.rows]
+            cum = np.zeros(d.size + 1, np.int64)
+            np.cumsum(d, out=cum[1:])
 
-        def between(a: int, b: int) -> np.ndarray:
-            return np.zeros(width, np.int64) if cum is None else cum[b] - cum[a]
+        def between(a: int, b: int) -> int:
+            return 0 if cum is None else int(cum[b] - cum[a])
 
         cur = plan.continued
         if cur is not None and head:
-            cur.flags = cur.flags + between(0, head)
+            cur.repeats += between(0, head)
         if plan.closed and cur is not None:
             self._close(layer, cur)
         ln = line if plan.rows is None else line[plan.rows]
@@ -749,15 +611,15 @@ class ContaminationDetector:
             self._record(Run(layer, int(ln[a]), int(ln[b - 1]), b - a), between(a, b))
         if plan.opened is not None:
             a = int(bounds[-2])
-            plan.opened.flags = between(a, int(bounds[-1]))
+            plan.opened.repeats = between(a, int(bounds[-1]))
 
     def _close(self, layer: int, run: _OpenRun) -> None:
         if run.length >= self.min_run:
-            self._record(Run(layer, run.first_line, run.last_line, run.length), run.flags)
+            self._record(Run(layer, run.first_line, run.last_line, run.length), run.repeats)
 
-    def _record(self, run: Run, flags: np.ndarray) -> None:
+    def _record(self, run: Run, repeats: int) -> None:
         self._run_records += run.length
-        self._run_flags += flags
+        self._run_repeats += repeats
         self._runs.append(run)
         self._lengths[run.length] = self._lengths.get(run.length, 0) + 1
         if self._longest is None or run.length > self._longest.length:
@@ -771,18 +633,17 @@ class ContaminationDetector:
         for layer, run in self._open.items():
             self._close(layer, run)
         self._open.clear()
-        self._last = None  # the fingerprints are not needed any more: free them
-        self._seen = None
+        self._seen = None  # the key bits are not needed any more: free them
 
     @property
     def needs_reread(self) -> bool:
         """After the pass (it ends it: no more :meth:`add`): whether repeated keys outside
-        dummy runs need the log shown again to :meth:`reread` before :meth:`finish`. Only with
-        ``reread=True``, and never for a log whose keys do not repeat."""
+        dummy runs need the log shown again to :meth:`reread` before :meth:`finish`; never for
+        a log whose keys do not repeat."""
         self._end_first_pass()
-        if not self._rereads or self.verdict is not None:
+        if self.verdict is not None:
             return False
-        outside = int(self._flags[0] - self._run_flags[0])
+        outside = self._repeats - self._run_repeats
         return outside > 0 and (self._reread is None or not self._reread.complete)
 
     def reread(
@@ -797,8 +658,6 @@ class ContaminationDetector:
         """The second pass (when :attr:`needs_reread`): the same log, every chunk in file
         order. Sorts the records outside dummy runs that repeat a key by how their route
         compares with the key's previous record's."""
-        if not self._rereads:
-            raise RuntimeError("reread() needs a detector made with reread=True")
         self._end_first_pass()
         if self.verdict is not None:
             raise RuntimeError("reread() after finish()")
@@ -813,7 +672,7 @@ class ContaminationDetector:
                 self._records,
             )
         if group.size:
-            self._reread_flags += self._reread.add(group, token_idx, layer, ids, weights, line)
+            self._reread_counts += self._reread.add(group, token_idx, layer, ids, weights, line)
 
     def finish(self) -> Contamination:
         """Close open runs and return the verdict (also kept as ``verdict``); call once, after
@@ -830,8 +689,7 @@ class ContaminationDetector:
                 f"reread() saw {self._reread.seen:,} records, the pass {self._records:,}"
             )
         self._reread = None
-        outside = self._reread_flags if self._rereads else self._flags - self._run_flags
-        same, after, other = (int(x) for x in outside)
+        same, after, other = (int(x) for x in self._reread_counts)
         real = self._records - self._run_records
         degenerate = degenerate_keys(other, real)
         double = 0 if degenerate else same
@@ -894,7 +752,7 @@ def _in_runs(runs: _RunsByLayer, layer: np.ndarray, line: np.ndarray) -> np.ndar
 
 
 class _Reread:
-    """The second pass of a ``reread=True`` detector: route fingerprints of the repeated keys
+    """The detector's second pass: route fingerprints of the repeated keys
     only, the pass's dummy runs, and when each dummy route was found."""
 
     def __init__(

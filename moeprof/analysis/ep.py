@@ -19,32 +19,32 @@ Placements:
 - *EPLB*: the physical-to-logical map of vLLM's ``DefaultEplbPolicy.rebalance_experts``
   (imported from the installed vLLM, never reimplemented; one group, one node) for ``E + N``
   physical experts (N = ``--redundant-experts``) on R ranks, fitted on the summed expert loads
-  of the first steps and evaluated on the later ones, so the gain is an honest out-of-sample
-  one.
+  of the first half of the steps and evaluated on the second half, so the gain is an honest
+  out-of-sample one.
 
-Every figure (contiguous too) is over the same evaluation steps, so the two compare.
+The split is exact: of the T engine steps with routes, taken in step order, EPLB is fitted on
+the first ``T // 2`` and every figure (contiguous too, so the two compare) is over the other
+``T - T // 2`` (:func:`split_point`). The per-step timeline (for ``plot --kind ep``) has every
+step under the contiguous placement and the evaluation steps under EPLB's.
 
-Memory stays flat in the log's size (a pass over 1M and over 4M routes of 4 layers peaks at
-7 MiB). Per-(step, layer, expert) loads are counted per chunk and held only until the step is
-complete: once, after a chunk, a step ``LAG`` numbers later has been seen (rows within one chunk
-may come in any order; rows of a step already complete are counted in ``late_routes`` and left
-out). A completed step's balancedness, from its nonzero expert loads, goes into the statistics:
-a sum and a histogram (for the 5th percentile) per (layer, R, placement). Because the number of
-steps is unknown until the end, the fit/eval split cannot wait for it: at *checkpoints* (after
-1, 2, ..., 16 completed steps, then every factor ``2**(1/3)``) a fit on the steps so far is
-made and then evaluated on every later step. At the end the split is the largest checkpoint c with
-``c <= T // 2`` (T steps in all): fitted on the first c steps (exactly the first half up to
-T = 33, never less than 39% of the steps), evaluated on the other T - c. Only the checkpoints
-that can still become that split are kept (at most four at a time beyond the first 1,000
-steps). Figures over the evaluation steps therefore need no per-step storage; the price is
-about 40 EPLB fits for a log of 10,000 steps (a few ms each for 4 layers). The per-step timeline
-(for ``plot --kind ep``) is kept at most :data:`MAX_POINTS` points long, each the mean of a
-run of consecutive steps.
+Two reads of the log, memory flat in its size: T is not known until the log ends, and keeping
+every step's loads until then would grow with the log, so the pass asks ``analyze`` for the
+stream a second time (:attr:`EpPass.needs_reread`, the same chunks after the same exclusion).
+The first read only counts the steps; the second sums the expert loads of the first T // 2
+steps, fits EPLB on them once, and evaluates both placements on every later step. Per-(step,
+layer, expert) loads are counted per chunk and held only until the step is complete: once,
+after a chunk, a step :data:`LAG` numbers later has been seen (rows within one chunk may come
+in any order; rows of a step already complete are counted in ``late_routes`` and left out,
+the same ones in both reads). A completed step's balancedness, from its nonzero expert loads,
+goes into the statistics: a sum and a histogram (for the 5th percentile) per (layer, R,
+placement). The timeline is kept at most :data:`MAX_POINTS` points long, each the mean of a
+run of consecutive steps. Memory: the pending steps' (steps x layers x experts) loads, the
+fit's (layers x experts) sums, and the statistics.
 """
 
 from __future__ import annotations
 
-import bisect
+import importlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +62,6 @@ BINS = 1000
 LAG = 4
 """A step is complete once a step this many numbers later has been seen (in an earlier or the
 same chunk)."""
-EXACT_CHECKPOINTS = 16
-"""Fits after each of the first this many steps (short logs split exactly in half)."""
-CHECKPOINT_RATIO = 2 ** (1 / 3)
-"""Later fits each this factor more steps than the last."""
 MAX_POINTS = 2000
 """The timeline holds at most this many points (each the mean of a run of steps)."""
 CELL_CAP = 1 << 22
@@ -236,79 +232,115 @@ def histogram_quantile(hist: np.ndarray, q: float) -> np.ndarray:
     return np.where(total > 0, idx / bins, np.nan)
 
 
-def checkpoint_after(done: int) -> int:
-    """The first fit checkpoint (a count of completed steps) above ``done``: every count up to
-    :data:`EXACT_CHECKPOINTS`, then each about :data:`CHECKPOINT_RATIO` times the last."""
-    i = bisect.bisect_right(_CHECKPOINTS, done)
-    return _CHECKPOINTS[i]
-
-
 def split_point(steps: int) -> int:
-    """Steps the EPLB fit uses out of ``steps``: the largest checkpoint <= steps // 2 (0 when
-    there is none: fewer than 2 steps)."""
-    i = bisect.bisect_right(_CHECKPOINTS, steps // 2)
-    return _CHECKPOINTS[i - 1] if i else 0
-
-
-def _checkpoints() -> list[int]:
-    out = list(range(1, EXACT_CHECKPOINTS + 1))
-    while out[-1] < 1 << 62:
-        out.append(max(out[-1] + 1, math.ceil(out[-1] * CHECKPOINT_RATIO)))
-    return out
-
-
-_CHECKPOINTS = _checkpoints()
+    """Steps the EPLB fit uses out of ``steps``: the first half, ``steps // 2``; the other
+    ``steps - steps // 2`` are evaluated."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    return steps // 2
 
 
 # --------------------------------------------------------------------------- vLLM's EPLB
 
 
+EPLB_MODULE = "vllm.distributed.eplb.policy.default"
+"""vLLM's public module of its default EPLB policy (``DefaultEplbPolicy``)."""
+OLD_EPLB_MODULE = "vllm.distributed.eplb.rebalance_algo"
+"""Where vLLM before the policy classes kept the same algorithm (``rebalance_experts``)."""
 POLICY_DIR = ("distributed", "eplb", "policy")
-"""Where vLLM keeps its EPLB policies (``default.py``, ``abstract.py``), under its package."""
+"""The policy's folder under vLLM's package (``default.py``, ``abstract.py``)."""
 _POLICY_PACKAGE = "_moeprof_vllm_eplb_policy"
 
 
 def load_eplb() -> tuple[Any, str]:
     """(rebalance function, where it comes from): ``DefaultEplbPolicy.rebalance_experts`` of
-    the installed vLLM, its own code, unchanged. Raises ImportError (or whatever vLLM raises)
-    when it cannot be imported.
+    the installed vLLM, its own code, unchanged.
 
-    ``import vllm.distributed.eplb.policy.default`` runs the ``__init__`` of every package on
-    the way (vLLM's distributed layer, its config, ...): about 4,000 modules and 5-10 s. The
-    policy's two files need only numpy and torch, so they are first loaded straight from
-    vLLM's folder as a small package of their own (about 1 s, torch's import); should that fail
-    (another layout), the ordinary import, and for vLLM before the policy classes the
-    module-level ``rebalance_algo.rebalance_experts``."""
-    import importlib
-    import importlib.util
+    How it is found, in order:
+
+    1. a plain import of vLLM's public module path, :data:`EPLB_MODULE`. This imports vLLM's
+       package ``__init__`` files on the way (its config, its distributed layer: some 4,000
+       modules, 5-10 s the first time in a process), which is the price of importing it the
+       way vLLM itself does;
+    2. vLLM before the policy classes (no such module): the module-level
+       ``rebalance_experts`` of :data:`OLD_EPLB_MODULE`;
+    3. only when ``import vllm`` itself fails (a build whose package start-up needs a GPU
+       platform or a missing dependency): the policy's two files, which need only numpy and
+       torch, loaded from vLLM's installed folder as a small package of their own
+       (:func:`_load_policy_files`), so the algorithm is still vLLM's unchanged code.
+
+    Raises ImportError with one line saying why when there is none (vLLM not installed, no
+    EPLB code in it, or its files failing to load); other failures of vLLM's own import of
+    the module propagate as they are."""
+    version = _vllm_version()
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # not installed, or failing to start up: its files, if any
+        return _load_policy_files(version, e)
+    try:
+        module = importlib.import_module(EPLB_MODULE)
+    except ModuleNotFoundError as e:
+        if e.name is None or not EPLB_MODULE.startswith(e.name):
+            raise  # something the module imports is missing: say that, not "too old"
+        try:
+            old = importlib.import_module(OLD_EPLB_MODULE)
+        except ModuleNotFoundError:
+            raise ImportError(
+                f"vLLM {version} has no EPLB algorithm ({EPLB_MODULE} and {OLD_EPLB_MODULE} "
+                "are both missing)"
+            ) from e
+        return old.rebalance_experts, f"vLLM {version} rebalance_algo.rebalance_experts"
+    return (
+        module.DefaultEplbPolicy.rebalance_experts,
+        f"vLLM {version} DefaultEplbPolicy.rebalance_experts",
+    )
+
+
+def _vllm_folder() -> Path | None:
+    """vLLM's installed package folder, found on ``sys.path`` without importing it (and
+    without consulting ``sys.modules``, where a failed import may have left a mark)."""
+    from importlib.machinery import PathFinder
+
+    spec = PathFinder.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _load_policy_files(version: str, cause: Exception) -> tuple[Any, str]:
+    """``DefaultEplbPolicy.rebalance_experts`` from vLLM's policy files, loaded as the package
+    ``_moeprof_vllm_eplb_policy`` (``default.py`` imports ``abstract.py`` relatively), for when
+    ``import vllm`` failed with ``cause``."""
     import sys
     import types
 
-    spec = importlib.util.find_spec("vllm")  # finds, does not import
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("vLLM is not installed")
-    version = _vllm_version()
-    folder = Path(next(iter(spec.submodule_search_locations)), *POLICY_DIR)
-    if (folder / "default.py").is_file():
-        try:
-            if _POLICY_PACKAGE not in sys.modules:
-                package = types.ModuleType(_POLICY_PACKAGE)
-                package.__path__ = [str(folder)]
-                sys.modules[_POLICY_PACKAGE] = package
-            module = importlib.import_module(f"{_POLICY_PACKAGE}.default")
-            fn = module.DefaultEplbPolicy.rebalance_experts
-            return fn, f"vLLM {version} DefaultEplbPolicy.rebalance_experts"
-        except Exception:  # the ordinary import below says what is wrong
-            sys.modules.pop(_POLICY_PACKAGE, None)
+    folder = _vllm_folder()
+    if folder is None:
+        raise ImportError("vLLM is not installed") from cause
+    policy = folder.joinpath(*POLICY_DIR)
+    why = f"{type(cause).__name__}: {cause}"
+    if not (policy / "default.py").is_file():
+        raise ImportError(
+            f"vLLM {version} failed to import ({why}) and has no {policy / 'default.py'} to "
+            "load on its own"
+        ) from cause
+    if _POLICY_PACKAGE not in sys.modules:
+        package = types.ModuleType(_POLICY_PACKAGE)
+        package.__path__ = [str(policy)]
+        sys.modules[_POLICY_PACKAGE] = package
     try:
-        from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
-    except ImportError:  # vLLM before the policy classes: the module-level function
-        from vllm.distributed.eplb.rebalance_algo import rebalance_experts  # type: ignore
-
-        return rebalance_experts, f"vLLM {version} rebalance_algo.rebalance_experts"
-    return (
-        DefaultEplbPolicy.rebalance_experts,
-        f"vLLM {version} DefaultEplbPolicy.rebalance_experts",
+        module = importlib.import_module(f"{_POLICY_PACKAGE}.default")
+        fn = module.DefaultEplbPolicy.rebalance_experts
+    except Exception as e:
+        for name in [m for m in sys.modules if m.split(".")[0] == _POLICY_PACKAGE]:
+            del sys.modules[name]
+        raise ImportError(
+            f"vLLM {version} failed to import ({why}), and loading its EPLB policy files from "
+            f"{policy} failed too ({type(e).__name__}: {e})"
+        ) from e
+    return fn, (
+        f"vLLM {version} DefaultEplbPolicy.rebalance_experts (loaded from its file: "
+        f"`import vllm` failed with {type(cause).__name__})"
     )
 
 
@@ -429,15 +461,6 @@ class _Stats:
         idx = cell * (BINS + 1) + np.rint(b[ok] * BINS).astype(np.int64)
         self.hist += np.bincount(idx, minlength=self.hist.size).reshape(self.hist.shape)
 
-    @classmethod
-    def merged(cls, parts: list[_Stats]) -> _Stats:
-        out = cls(*parts[0].sum.shape)
-        for p in parts:
-            out.sum += p.sum
-            out.count += p.count
-            out.hist += p.hist
-        return out
-
     def mean(self) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             return np.where(self.count > 0, self.sum / np.maximum(self.count, 1), np.nan)
@@ -485,34 +508,24 @@ class _Timeline:
         return self.x[used] / self.n[used], y[used]
 
 
-class _Window:
-    """A fit at a checkpoint (the first ``start`` steps) and its evaluation on every later step;
-    and the contiguous statistics of its segment, the steps from ``start`` to the next
-    checkpoint (the segments of the later windows add up to the rest)."""
-
-    def __init__(self, start: int, layers: int, nranks: int) -> None:
-        self.start = start
-        self.first_step: int | None = None
-        self.contiguous = _Stats(layers, nranks)
-        self.eplb = _Stats(layers, nranks)
-        self.timeline = _Timeline(nranks)
-        self.placements: dict[int, np.ndarray] = {}
-        """Rank count -> EPLB's (L, E+N) physical -> logical map (none without vLLM)."""
-        self.compiled: dict[int, Placement] = {}
-
-
 class EpPass:
-    """Accumulates per-(step, layer) expert loads until a step is complete, then folds its
-    balancedness under each placement into the statistics (see the module docstring)."""
+    """Per-step balancedness under each placement, in two reads of the log (see the module
+    docstring): show it every chunk (:meth:`add`), then, while :attr:`needs_reread` says so,
+    every chunk again, then call :meth:`finish`."""
 
     def __init__(self, log: RouteLog, num_experts: int | None, options: PassOptions) -> None:
         self.layers = log.layers
         self.log = log
         self.redundant = options.redundant_experts
         self.notes: list[str] = []
-        self.routes = self.no_step = self.late = 0
         self.skip: str | None = None
         self.ranks: list[int] = []
+        self.reading = 1
+        """Which read of the log :meth:`add` is in: 1 counting steps, 2 the figures; 0 when
+        the first read found fewer than two steps (nothing to evaluate: no second read)."""
+        self.total_steps = 0
+        """Steps the first read completed (T)."""
+        self._reset()
         if num_experts is None:
             self.skip = (
                 "the number of experts is unknown (not in the meta): pass --num-experts, the "
@@ -522,19 +535,21 @@ class EpPass:
         self._choose_ranks(options.ep_ranks, num_experts)
         self.nL, self.E = len(self.layers), num_experts
         self.contig_placements = [Placement.contiguous(self.E, r, self.nL) for r in self.ranks]
-        self.pend_steps = np.zeros(0, np.int64)
-        self.pend_loads = np.zeros((0, self.nL, self.E), np.int64)
-        self.max_seen = -1
-        self.done_upto = -1
-        """Every step number up to this one is complete."""
-        self.done = 0
-        self.cum = np.zeros((self.nL, self.E), np.int64)
-        self.contig_timeline = _Timeline(len(self.ranks))
-        self.windows: list[_Window] = []
         self.rebalance: Any = None
         self.eplb_source: str | None = None
         self.eplb_skip: str | None = None
         self.eplb_ranks = [r for r in self.ranks if self._eplb_rank_problem(r) is None]
+
+    def _reset(self) -> None:
+        """The state of one read."""
+        self.routes = self.no_step = self.late = 0
+        self.pend_steps = np.zeros(0, np.int64)
+        self.pend_loads: np.ndarray | None = None
+        self.max_seen = -1
+        self.done_upto = -1
+        """Every step number up to this one is complete."""
+        self.done = 0
+        """Steps completed so far in this read."""
 
     def _choose_ranks(self, asked: tuple[int, ...] | None, e: int) -> None:
         if asked is None:
@@ -564,6 +579,22 @@ class EpPass:
 
     # ------------------------------------------------------------------ reading
 
+    @property
+    def needs_reread(self) -> bool:
+        """After a read of the log: whether the pass needs it (the same chunks) once more.
+        Asking ends the first read: True once, when it found at least two steps."""
+        if self.reading == 1 and self.skip is None:
+            self._complete(math.inf)
+            self.total_steps = self.done
+            if self.total_steps < 2:
+                self.reading = 0  # its counts stand: finish() says why there is nothing
+                return False
+            self.reading = 2
+            self._reset()
+            self._start_evaluation()
+            return True
+        return False
+
     def add(self, chunk: RouteChunk) -> None:
         if self.skip is not None or not len(chunk):
             return
@@ -584,9 +615,16 @@ class EpPass:
             if not len(chunk):
                 return
         self.routes += len(chunk)
-        self._count(step, self.log.layer_slot(chunk.layer), chunk.ids)
+        if self.reading == 1:
+            self._note_steps(step)
+        else:
+            self._count(step, self.log.layer_slot(chunk.layer), chunk.ids)
         self.max_seen = max(self.max_seen, int(step.max()))
         self._complete(self.max_seen - LAG)
+
+    def _note_steps(self, step: np.ndarray) -> None:
+        """The first read: only which steps are pending."""
+        self.pend_steps = np.union1d(self.pend_steps, step)
 
     def _count(self, step: np.ndarray, slot: np.ndarray, ids: np.ndarray) -> None:
         """Add the rows' selections to the pending per-(step, layer, expert) loads."""
@@ -608,7 +646,7 @@ class EpPass:
             self._merge(uniq[lo:hi], counts.reshape(hi - lo, self.nL, self.E))
 
     def _merge(self, steps: np.ndarray, loads: np.ndarray) -> None:
-        if not self.pend_steps.size:
+        if self.pend_loads is None or not self.pend_steps.size:
             self.pend_steps, self.pend_loads = steps, loads
             return
         union = np.union1d(self.pend_steps, steps)
@@ -618,19 +656,40 @@ class EpPass:
         self.pend_steps, self.pend_loads = union, merged
 
     def _complete(self, upto: int | float) -> None:
-        """Fold the pending steps numbered up to ``upto`` into the statistics."""
+        """Fold the pending steps numbered up to ``upto`` in (the first read: count them)."""
         n = int(np.searchsorted(self.pend_steps, upto, side="right"))
         if not n:
             return
-        steps, loads = self.pend_steps[:n], self.pend_loads[:n]
-        self.pend_steps, self.pend_loads = self.pend_steps[n:], self.pend_loads[n:]
+        steps = self.pend_steps[:n]
+        self.pend_steps = self.pend_steps[n:]
         self.done_upto = max(self.done_upto, int(steps[-1]))
+        if self.reading == 1:
+            self.done += n
+            return
+        assert self.pend_loads is not None
+        loads, self.pend_loads = self.pend_loads[:n], self.pend_loads[n:]
         self._fold(steps, loads)
 
+    # ------------------------------------------------------------------ the second read
+
+    def _start_evaluation(self) -> None:
+        self.split = split_point(self.total_steps)
+        self.cum = np.zeros((self.nL, self.E), np.int64)
+        """Summed expert loads of the fit steps."""
+        self.contiguous = _Stats(self.nL, len(self.ranks))
+        self.eplb = _Stats(self.nL, len(self.ranks))
+        self.contig_timeline = _Timeline(len(self.ranks))
+        self.eplb_timeline = _Timeline(len(self.ranks))
+        self.placements: dict[int, np.ndarray] = {}
+        """Rank count -> EPLB's (L, E+N) physical -> logical map (none without vLLM)."""
+        self.compiled: dict[int, Placement] = {}
+        self.eval_from_step: int | None = None
+
     def _fold(self, steps: np.ndarray, loads: np.ndarray) -> None:
-        """Completed steps, in order: contiguous balancedness for every step, then for each run
-        of steps between checkpoints the live windows' EPLB balancedness, then a new window.
-        Rank loads come from the nonzero expert loads, so sparse steps cost little."""
+        """Completed steps, in order: contiguous balancedness of every step (the timeline);
+        the fit steps' loads summed, EPLB fitted once the first half is complete; both
+        placements' statistics over the later steps. Rank loads come from the nonzero expert
+        loads, so sparse steps cost little."""
         n = steps.size
         nz = np.nonzero(loads)  # (step, layer, expert), step-major
         load = loads[nz].astype(np.float64)
@@ -639,57 +698,48 @@ class EpPass:
         contig = np.stack(
             [balancedness(p.rank_loads_cells(row, cell, load, n)) for p in self.contig_placements],
             axis=2,
-        )  # (C, L, R): NaN where a layer has no tokens
+        )  # (steps, L, R): NaN where a layer has no tokens
         ordinals = self.done + np.arange(n)
         self.contig_timeline.add(ordinals, steps, _layer_mean(contig))
-        i = 0
-        while i < n:
-            target = checkpoint_after(self.done)
-            j = min(n, i + target - self.done)
-            lo, hi = np.searchsorted(nz[0], (i, j))
-            part = (row[lo:hi] - i * self.nL, cell[lo:hi], load[lo:hi])
-            if self.windows:  # the newest window's segment: steps up to the next checkpoint
-                self.windows[-1].contiguous.add(contig[i:j])
-            for w in self.windows:
-                self._evaluate(w, ordinals[i:j], steps[i:j], part, contig[i:j])
-            self.cum += loads[i:j].sum(axis=0)
-            self.done += j - i
-            i = j
-            if self.done == target:
-                self._open_window(target)
+        fit = min(n, max(0, self.split - self.done))  # of these steps, those in the fit
+        if fit:
+            self.cum += loads[:fit].sum(axis=0)
+            if self.done + fit == self.split:
+                self._fit()
+        if fit < n:
+            if self.eval_from_step is None:
+                self.eval_from_step = int(steps[fit])
+            lo = int(np.searchsorted(nz[0], fit))
+            part = (row[lo:] - fit * self.nL, cell[lo:], load[lo:])
+            self._evaluate(ordinals[fit:], steps[fit:], part, contig[fit:])
+        self.done += n
+
+    def _fit(self) -> None:
+        """EPLB's placement for each rank count, from the fit steps' summed loads."""
+        rebalance = self._rebalance()
+        if rebalance is None:
+            return
+        for r in self.eplb_ranks:
+            phy2log = eplb_placement(rebalance, self.cum, self.E + self.redundant, r)
+            self.placements[r] = phy2log
+            self.compiled[r] = Placement.vllm(phy2log, r, self.E)
 
     def _evaluate(
         self,
-        w: _Window,
         ordinals: np.ndarray,
         steps: np.ndarray,
         part: tuple[np.ndarray, ...],
         contig: np.ndarray,
     ) -> None:
-        """Fold steps ``steps`` (their nonzero loads ``part``) into window ``w``."""
-        if w.first_step is None:
-            w.first_step = int(steps[0])
+        """Fold evaluation steps ``steps`` (their nonzero loads ``part``) into the statistics."""
+        self.contiguous.add(contig)
         b = np.full(contig.shape, np.nan)
-        if w.compiled:
+        if self.compiled:
             for ri, r in enumerate(self.ranks):
-                if r in w.compiled:
-                    b[:, :, ri] = balancedness(w.compiled[r].rank_loads_cells(*part, steps.size))
-            w.eplb.add(b)
-        w.timeline.add(ordinals, steps, _layer_mean(b))
-
-    def _open_window(self, start: int) -> None:
-        """A fit on the first ``start`` steps; windows that can no longer be the final split
-        are dropped."""
-        keep_from = split_point(self.done)
-        self.windows = [w for w in self.windows if w.start >= keep_from]
-        w = _Window(start, self.nL, len(self.ranks))
-        rebalance = self._rebalance()
-        if rebalance is not None:
-            for r in self.eplb_ranks:
-                phy2log = eplb_placement(rebalance, self.cum, self.E + self.redundant, r)
-                w.placements[r] = phy2log
-                w.compiled[r] = Placement.vllm(phy2log, r, self.E)
-        self.windows.append(w)
+                if r in self.compiled:
+                    b[:, :, ri] = balancedness(self.compiled[r].rank_loads_cells(*part, steps.size))
+            self.eplb.add(b)
+        self.eplb_timeline.add(ordinals, steps, _layer_mean(b))  # the contiguous one's buckets
 
     def _rebalance(self) -> Any:
         """vLLM's EPLB function, imported on first use; None (and the reason) when vLLM is not
@@ -706,19 +756,26 @@ class EpPass:
     def finish(self) -> EpAnalysis | Skipped:
         if self.skip is not None:
             return Skipped(self.skip)
-        self._complete(math.inf)
+        if self.reading == 1 and self.needs_reread:
+            raise RuntimeError(
+                "finish() before the second read: show the pass the log again when "
+                "needs_reread says so"
+            )
+        if self.reading == 2:
+            self._complete(math.inf)
         if not self.routes:
             return Skipped(NO_STEP_REASON if self.no_step else "no routes")
-        if self.done < 2:
+        if self.total_steps < 2:
             return Skipped(
                 "the routes are all in one engine step: nothing to fit EPLB on and evaluate"
             )
-        start = split_point(self.done)
-        w = next(w for w in self.windows if w.start == start)
-        assert w.first_step is not None
-        contiguous = _Stats.merged([v.contiguous for v in self.windows if v.start >= start])
-        c_mean, c_p5 = contiguous.mean(), contiguous.p5()
-        e_mean, e_p5 = w.eplb.mean(), w.eplb.p5()
+        if self.done != self.total_steps:
+            raise RuntimeError(
+                f"the second read completed {self.done:,} steps, the first {self.total_steps:,}"
+            )
+        assert self.eval_from_step is not None
+        c_mean, c_p5 = self.contiguous.mean(), self.contiguous.p5()
+        e_mean, e_p5 = self.eplb.mean(), self.eplb.p5()
         by_ranks = []
         for ri, r in enumerate(self.ranks):
             problem = self.eplb_skip or self._eplb_rank_problem(r)
@@ -726,7 +783,7 @@ class EpPass:
             layers = [
                 EpLayer(
                     layer,
-                    int(contiguous.count[li, ri]),
+                    int(self.contiguous.count[li, ri]),
                     float(c_mean[li, ri]),
                     float(c_p5[li, ri]),
                     float(e_mean[li, ri]) if has else None,
@@ -737,7 +794,7 @@ class EpPass:
             cm = _nanmean(c_mean[:, ri])
             em = _nanmean(e_mean[:, ri]) if has else None
             gain = _nanmean(e_mean[:, ri] - c_mean[:, ri]) if has else None
-            by_ranks.append(EpRanks(r, layers, cm, em, gain, problem, w.placements.get(r)))
+            by_ranks.append(EpRanks(r, layers, cm, em, gain, problem, self.placements.get(r)))
         if self.late:
             self.notes.append(
                 f"{self.late:,} routes came after their step was complete (more than {LAG} "
@@ -746,18 +803,18 @@ class EpPass:
         if self.no_step:
             self.notes.append(f"{self.no_step:,} routes without a step were left out")
         x, y = self.contig_timeline.points()
-        ex, ey = w.timeline.points()
+        ex, ey = self.eplb_timeline.points()
         timeline = EpTimeline(
-            list(self.ranks), x, y, ex, ey, self.contig_timeline.width, w.first_step
+            list(self.ranks), x, y, ex, ey, self.contig_timeline.width, self.eval_from_step
         )
         return EpAnalysis(
             num_experts=self.E,
             redundant_experts=self.redundant,
             ranks=list(self.ranks),
-            steps=self.done,
-            fit_steps=start,
-            eval_steps=self.done - start,
-            eval_from_step=w.first_step,
+            steps=self.total_steps,
+            fit_steps=self.split,
+            eval_steps=self.total_steps - self.split,
+            eval_from_step=self.eval_from_step,
             routes=self.routes,
             routes_without_step=self.no_step,
             late_routes=self.late,

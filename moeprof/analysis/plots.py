@@ -568,6 +568,16 @@ def ep_figure(report: AnalysisReport) -> Figure:
                 linewidth=0.8,
                 label=f"EPLB, {result.redundant_experts} redundant (mean {_ep_num(br.eplb_mean)})",
             )
+        elif br.eplb_skipped:  # say why the panel has no EPLB line
+            ax.text(
+                0.01,
+                0.02,
+                f"no EPLB line: {br.eplb_skipped}",
+                transform=ax.transAxes,
+                fontsize=7,
+                wrap=True,
+                color=ACCENT_COLOR,
+            )
         ax.axhline(1 / br.ranks, color=ACCENT_COLOR, linestyle=":", linewidth=1)
         ax.annotate(
             "1/R: one rank does all",

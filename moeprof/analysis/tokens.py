@@ -29,17 +29,20 @@ whose top-1 expert, the largest weight, is e):
   value the log's own load gives when routes do not depend on tokens (it is well above
   ``k / E`` when the load is skewed).
 
-Memory: ``C`` and ``T`` are accumulated sparsely, one key per selection, (layer, token,
-expert, top-1 flag) packed as ``((slot * D + token rank) * E + expert) * 2 + flag`` (D the
-distinct token ids of the outputs file; uint32 when ``2 * L * D * E < 2**32``, else int64);
-each chunk's keys are sorted and counted, and merged when the pending entries (at least
-:data:`_MERGE_MIN`) outgrow the merged ones. 12-16 bytes per distinct (layer, token, expert,
-flag), about twice that while merging; their number is at most ``2 * L * D * E`` and at most
-the selections (Qwen1.5-MoE, 24 layers, a run of 10,000 distinct tokens: at most ~29M keys,
-in practice far fewer: each token meets a few of the 60 experts; a 1M-route, 4-layer synthetic
-log with 5,000 distinct tokens held 0.8M). Besides: the outputs file's token ids (8 bytes
-each), a route sample per layer (:data:`NULL_SAMPLE` x k int16) and, at the end, one layer's
-dense (tokens x E) counts at a time. Memory grows with the run's vocabulary and routes.
+Memory does not grow with the log. The counts are kept per (layer, token, expert, top-1
+flag), L logged layers, D the distinct token ids of the outputs file, E experts:
+
+- dense (:class:`DenseTokenCounts`) when E is known and the ``L * D * E * 2`` uint32 counters
+  fit in :data:`DENSE_MAX_BYTES`: fixed before the first route (4 layers x 25,000 tokens x 60
+  experts: 48 MB; Qwen1.5-MoE's 24 layers x 10,000 tokens x 60: 115 MB);
+- else sparse (:class:`SparseCounts`, 12-16 bytes per distinct (layer, token, expert, flag),
+  about twice that while merging): bounded by the same ``2 * L * D * E`` keys and by the
+  selections, so it grows with the log until the run's (token, expert) pairs have all been
+  seen.
+
+Besides: the outputs file's token ids as int32 ranks among its distinct ids (4 bytes each,
+read one record at a time: :mod:`moeprof.analysis.outputs`), a route sample per layer
+(:data:`NULL_SAMPLE` x k int16) and, at the end, one layer's (tokens x E) counts at a time.
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ from typing import Any
 import numpy as np
 
 from moeprof.analysis.accumulate import MAX_INFERRED_EXPERTS
+from moeprof.analysis.outputs import read_token_ids
 from moeprof.analysis.passes import PassOptions, Skipped, register
 from moeprof.analysis.reader import RouteChunk, RouteLog
-from moeprof.analysis.validate import load_outputs
 
 MIN_COUNT = 10
 """Default ``min_count`` (``PassOptions.extra["min_token_count"]``): tokens seen fewer times do
@@ -69,8 +72,13 @@ NULL_REPEATS = 3
 :data:`NULL_DRAWS` times (one draw otherwise)."""
 NULL_DRAWS = 1 << 17
 NULL_SEED = 0
+_NULL_CHUNK = 1 << 18
+"""Occurrences drawn at a time for the no-dependence value."""
 _MERGE_MIN = 1 << 20
 """Pending sparse entries merged once they exceed this or the merged ones, if more."""
+DENSE_MAX_BYTES = 1 << 30
+"""Dense (layer, token, expert, flag) counters up to this size (:class:`DenseTokenCounts`);
+beyond it, or with the number of experts unknown, sparse ones (:class:`SparseCounts`)."""
 
 
 # --------------------------------------------------------------------------- statistics
@@ -82,8 +90,9 @@ def token_lift(
     """Lift of each (token, expert) pair: ``pair[v, e] * total / (token_total[v] *
     expert_total[e])``, the count over its expectation if tokens and experts were independent
     with these margins. ``pair`` (V, E) counts, ``token_total`` (V,) and ``expert_total``
-    (E,) their margins, ``total`` the grand total. NaN where a margin is 0."""
-    pair = np.asarray(pair, np.float64)
+    (E,) their margins, ``total`` the grand total. NaN where a margin is 0. (One (V, E) float64
+    array is made: the result.)"""
+    pair = np.asarray(pair)
     token_total = np.asarray(token_total, np.float64)
     expert_total = np.asarray(expert_total, np.float64)
     if pair.ndim != 2:
@@ -95,9 +104,12 @@ def token_lift(
         )
     if not total > 0:
         raise ValueError(f"`total` must be > 0, got {total}")
-    expected = np.outer(token_total, expert_total) / total
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(expected > 0, pair / expected, np.nan)
+    out = np.outer(token_total, expert_total)
+    out /= total  # the expected counts; then, in place, pair / expected where it is > 0
+    ok = out > 0
+    np.divide(pair, out, out=out, where=ok)
+    out[~ok] = np.nan
+    return out
 
 
 def vocabulary_specialization(
@@ -160,13 +172,21 @@ def null_specialization(
         return float("nan")
     rng = np.random.default_rng(seed)
     cols = sample[:, :1] if top1 else sample
-    label = np.repeat(np.arange(occurrences.size), occurrences)
+    v = occurrences.size
+    ends = np.cumsum(occurrences)
+    total = int(ends[-1])
     means = []
     for _ in range(repeats):
-        drawn = cols[rng.integers(0, sample.shape[0], label.size)]
-        flat = (label[:, None] * num_experts + drawn).ravel()
-        counts = np.bincount(flat, minlength=occurrences.size * num_experts)
-        top = counts.reshape(occurrences.size, num_experts).max(axis=1)
+        # the draws go a chunk of occurrences at a time (memory follows the tokens, not the
+        # occurrences); Generator.integers gives the same numbers in chunks as in one call
+        counts = np.zeros(v * num_experts, np.int64)
+        for a in range(0, total, _NULL_CHUNK):
+            b = min(total, a + _NULL_CHUNK)
+            label = np.searchsorted(ends, np.arange(a, b), side="right")
+            drawn = cols[rng.integers(0, sample.shape[0], b - a)]
+            flat = (label[:, None] * num_experts + drawn).ravel()
+            counts += np.bincount(flat, minlength=v * num_experts)
+        top = counts.reshape(v, num_experts).max(axis=1)
         means.append(float((top / occurrences).mean()))
     return float(np.mean(means))
 
@@ -176,22 +196,28 @@ def top_tokens(
 ) -> np.ndarray:
     """Per column of ``score`` (V, E), the rows of the ``n`` largest eligible scores, best
     first, ties by larger ``tiebreak`` then lower row; (E, n) row indices, -1 where a column
-    has fewer than ``n`` eligible rows."""
-    score = np.asarray(score, np.float64)
+    has fewer than ``n`` eligible rows. Scores and tiebreaks compare as float64, converted a
+    column at a time."""
+    score = np.asarray(score)
     eligible = np.asarray(eligible, bool)
     if score.ndim != 2 or eligible.shape != score.shape:
         raise ValueError("`score` and `eligible` must be (V, E) arrays of one shape")
+    if tiebreak is not None and np.shape(tiebreak) != score.shape:
+        raise ValueError("`tiebreak` must be a (V, E) array of the shape of `score`")
     if n < 0:
         raise ValueError(f"`n` must be >= 0, got {n}")
     v, e = score.shape
-    tb = np.zeros_like(score) if tiebreak is None else np.asarray(tiebreak, np.float64)
+    tb = None if tiebreak is None else np.asarray(tiebreak)
     out = np.full((e, n), -1, np.int64)
     rows = np.arange(v)
     for col in range(e):
         ok = np.flatnonzero(eligible[:, col])
         if not ok.size:
             continue
-        order = np.lexsort((rows[ok], -tb[ok, col], -score[ok, col]))[:n]
+        keys = [rows[ok], -score[ok, col].astype(np.float64)]
+        if tb is not None:
+            keys.insert(1, -tb[ok, col].astype(np.float64))
+        order = np.lexsort(keys)[:n]
         out[col, : order.size] = ok[order]
     return out
 
@@ -373,6 +399,103 @@ class SparseCounts:
         self.counts = np.add.reduceat(counts, starts) if starts.size else counts[:0]
 
 
+LayerCounts = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""One layer's counts: (the token ranks seen, ascending; ``C`` (v, E) and ``T`` (v, E) int64,
+one row per token seen)."""
+
+
+class DenseTokenCounts:
+    """``C`` and ``T`` of every layer as one uint32 array of (layer, token rank, expert, top-1
+    flag) counters, indexed by the packed key ``((slot * D + rank) * E + expert) * 2 + flag``:
+    ``C`` is the sum over the flag, ``T`` the flag-1 counters. Each chunk's keys are sorted and
+    run-length counted, and the counts added (a gather and a scatter per distinct key)."""
+
+    def __init__(self, layers: int, tokens: int, experts: int) -> None:
+        self.layers, self.tokens, self.experts = layers, tokens, experts
+        self.counts = np.zeros(layers * tokens * experts * 2, np.uint32)
+        self._room = int(np.iinfo(np.uint32).max)
+        """Keys that may still come before a counter could overflow uint32."""
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.counts.nbytes)
+
+    def add(self, keys: np.ndarray) -> None:
+        if not keys.size:
+            return
+        if keys.size > self._room and self.counts.dtype == np.uint32:
+            self.counts = self.counts.astype(np.uint64)  # some 4e9 routes: widen once
+        self._room -= keys.size
+        s = np.sort(keys)
+        new = np.empty(s.size, bool)
+        new[0] = True
+        np.not_equal(s[1:], s[:-1], out=new[1:])
+        starts = np.flatnonzero(new)
+        runs = np.diff(np.append(starts, s.size)).astype(self.counts.dtype)
+        self.counts[s[starts]] += runs
+
+    def width(self) -> int:
+        return self.experts
+
+    def layer(self, slot: int, experts: int) -> LayerCounts:
+        size = self.tokens * self.experts * 2
+        block = self.counts[slot * size : (slot + 1) * size].reshape(self.tokens, -1)
+        tokens = np.flatnonzero(block.any(axis=1))
+        pairs = block[tokens].reshape(tokens.size, self.experts, 2)[:, :experts]
+        top1 = pairs[:, :, 1].astype(np.int64)
+        sel = pairs[:, :, 0] + top1  # C = flag 0 + flag 1
+        return tokens, sel, top1
+
+
+class SparseTokenCounts:
+    """``C`` and ``T`` of every layer as :class:`SparseCounts` of the packed keys of
+    :class:`DenseTokenCounts` (with E the widest plausible expert axis when the number of
+    experts is unknown)."""
+
+    def __init__(self, layers: int, tokens: int, experts: int) -> None:
+        self.layers, self.tokens, self.experts = layers, tokens, experts
+        self._counts = SparseCounts()
+        self._bounds: np.ndarray | None = None
+
+    def add(self, keys: np.ndarray) -> None:
+        self._counts.add(keys)
+
+    def _merged(self) -> np.ndarray:
+        """The slot boundaries in the merged keys (merging once)."""
+        if self._bounds is None:
+            self._counts.merge()
+            self._counts.keys = self._counts.keys.astype(np.int64)
+            per_slot = 2 * self.tokens * self.experts
+            slots = self._counts.keys // per_slot
+            self._bounds = np.searchsorted(slots, np.arange(self.layers + 1))
+        return self._bounds
+
+    def width(self) -> int:
+        """The largest expert id counted + 1 (one expert axis for every layer)."""
+        self._merged()
+        keys = self._counts.keys
+        return int(((keys >> 1) % self.experts).max()) + 1 if keys.size else 1
+
+    def layer(self, slot: int, experts: int) -> LayerCounts:
+        bounds = self._merged()
+        a, b = int(bounds[slot]), int(bounds[slot + 1])
+        keys = self._counts.keys[a:b] % (2 * self.tokens * self.experts)
+        counts = self._counts.counts[a:b]
+        flag = keys & 1
+        rest = keys >> 1
+        expert = rest % self.experts
+        rank = rest // self.experts
+        # keys are sorted, so the layer's token ranks come in order: runs, not a sort
+        new = np.concatenate(([True], rank[1:] != rank[:-1])) if rank.size else rank.astype(bool)
+        tokens = rank[new]
+        local = np.cumsum(new) - 1
+        v = tokens.size
+        flat = local * experts + expert
+        sel = np.bincount(flat, weights=counts, minlength=v * experts).reshape(v, experts)
+        top1 = np.bincount(flat[flag == 1], weights=counts[flag == 1], minlength=v * experts)
+        return tokens, sel.astype(np.int64), top1.reshape(v, experts).astype(np.int64)
+
+
 class RouteSample:
     """A uniform sample of ``size`` routes from a stream: the routes of the ``size`` lowest
     random priorities. Offers are buffered and cut back to ``size`` when twice that many
@@ -431,31 +554,21 @@ class TokenPass:
         self.min_count = int(options.extra.get("min_token_count", MIN_COUNT))
         if self.min_count < 1:
             raise ValueError(f"min_token_count must be >= 1, got {self.min_count}")
-        records = load_outputs(path)
-        self._known = set(records)
-        """req_ids with an outputs record (the records themselves are not kept)."""
-        self.usable = any(r.prompt_token_ids is not None for r in records.values())
-        flat: list[np.ndarray] = []
-        self._where: dict[str, tuple[int, int]] = {}
-        at = 0
-        for req, rec in records.items():
-            if rec.prompt_token_ids is None:
-                continue
-            ids = np.asarray(rec.prompt_token_ids + (rec.output_token_ids or []), np.int64)
-            self._where[req] = (at, ids.size)
-            flat.append(ids)
-            at += ids.size
-        all_ids = np.concatenate(flat) if flat else np.zeros(0, np.int64)
-        self.vocab, ranks = np.unique(all_ids, return_inverse=True)
-        key_space = 2 * len(log.layers) * max(self.vocab.size, 1) * self.key_experts
+        self._tokens = read_token_ids(path)
+        self.usable = self._tokens.usable
+        self.vocab = self._tokens.vocab
+        layers = len(log.layers)
+        d = max(self.vocab.size, 1)
+        key_space = 2 * layers * d * self.key_experts
         self._key_dtype = np.uint32 if key_space <= np.iinfo(np.uint32).max else np.int64
         """uint32 keys where they fit: they sort ~40% faster than int64."""
-        self._ranks = ranks.astype(np.int64)
+        dense = num_experts is not None and 4 * key_space <= DENSE_MAX_BYTES
+        self._counts: DenseTokenCounts | SparseTokenCounts = (
+            DenseTokenCounts if dense else SparseTokenCounts
+        )(layers, self.vocab.size, self.key_experts)
         self._offset = np.zeros(0, np.int64)
         self._length = np.zeros(0, np.int64)
-        self._counts = SparseCounts()
         self._rng = np.random.default_rng(NULL_SEED)
-        layers = len(log.layers)
         self._id_dtype = np.int16 if self.key_experts <= np.iinfo(np.int16).max else np.int32
         self._samples = [
             RouteSample(NULL_SAMPLE, self.top_k, self._id_dtype) for _ in range(layers)
@@ -472,15 +585,13 @@ class TokenPass:
         if upto <= have:
             return
         names = self.log.req_ids[have:upto]
-        off = np.empty(len(names), np.int64)
+        t = self._tokens
+        row = np.array([t.rows.get(name, -1) for name in names], np.int64)
+        known = row >= 0
+        off = np.full(len(names), _NO_RECORD, np.int64)
         length = np.zeros(len(names), np.int64)
-        for i, name in enumerate(names):
-            if name not in self._known:
-                off[i] = _NO_RECORD
-            elif name not in self._where:
-                off[i] = _NO_IDS
-            else:
-                off[i], length[i] = self._where[name]
+        off[known] = np.where(t.offset[row[known]] >= 0, t.offset[row[known]], _NO_IDS)
+        length[known] = t.length[row[known]]
         self._offset = np.concatenate([self._offset, off])
         self._length = np.concatenate([self._length, length])
 
@@ -512,7 +623,7 @@ class TokenPass:
         else:
             ids, w, layer = chunk.ids, chunk.weights, chunk.layer
         self.joined += joined
-        rank = self._ranks[off + pos]
+        rank = self._tokens.ranks[off + pos].astype(np.int64)
         slot = self.log.layer_slot(layer)
         self._layer_routes += np.bincount(slot, minlength=self._layer_routes.size)
         top1 = np.argmax(w, axis=1)
@@ -551,21 +662,14 @@ class TokenPass:
                 f"no route could be joined to a token of {self.path} "
                 f"({unjoined_text(self.unjoined)})"
             )
-        self._counts.merge()
-        keys, counts = self._counts.keys.astype(np.int64), self._counts.counts
-        self._counts = SparseCounts()
         decode, tokenizer, note = self._tokenizer()
-        e_key, d = self.key_experts, self.vocab.size
-        per_slot = 2 * d * e_key
-        layers = []
-        slots = keys // per_slot
-        bounds = np.searchsorted(slots, np.arange(len(self.log.layers) + 1))
         # one expert axis for every layer: the meta's, else the largest id seen + 1
-        experts = self.num_experts or int(((keys >> 1) % e_key).max()) + 1
-        for s, layer in enumerate(self.log.layers):
-            a, b = int(bounds[s]), int(bounds[s + 1])
-            keys_s = keys[a:b] % per_slot
-            layers.append(self._layer(s, layer, keys_s, counts[a:b], experts, decode))
+        experts = self.num_experts or self._counts.width()
+        layers = [
+            self._layer(s, layer, *self._counts.layer(s, experts), decode)
+            for s, layer in enumerate(self.log.layers)
+        ]
+        self._counts = SparseTokenCounts(0, 0, 1)  # free the counts
         requests_unjoined = int(np.count_nonzero(self._offset < 0))
         return TokenAnalysis(
             outputs=str(self.path),
@@ -593,26 +697,13 @@ class TokenPass:
         self,
         slot: int,
         layer: int,
-        keys: np.ndarray,
-        counts: np.ndarray,
-        experts: int,
+        tokens: np.ndarray,
+        sel: np.ndarray,
+        top1: np.ndarray,
         decode: Callable[[int], str] | None,
     ) -> LayerTokens:
-        e_key = self.key_experts
-        flag = keys & 1
-        rest = keys >> 1
-        expert = rest % e_key
-        rank = rest // e_key
-        # keys are sorted, so the layer's token ranks come in order: runs, not a sort
-        new = np.concatenate(([True], rank[1:] != rank[:-1])) if rank.size else rank.astype(bool)
-        tokens = rank[new]
-        local = np.cumsum(new) - 1
-        v = tokens.size
-        flat = local * experts + expert
-        sel = np.bincount(flat, weights=counts, minlength=v * experts).reshape(v, experts)
-        top1 = np.bincount(flat[flag == 1], weights=counts[flag == 1], minlength=v * experts)
-        top1 = top1.reshape(v, experts).astype(np.int64)
-        sel = sel.astype(np.int64)
+        """One layer's result from its counts (:data:`LayerCounts`)."""
+        v, experts = sel.shape
         occ = top1.sum(axis=1)
         _, spec1 = vocabulary_specialization(top1, occ, self.min_count)
         _, speck = vocabulary_specialization(sel, occ, self.min_count)
