@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -53,6 +54,15 @@ def AsJson(help: str) -> Any:
 
 def Layer(help: str) -> Any:
     return Annotated[str | None, typer.Option("--layer", metavar="LAYERS", help=help)]
+
+
+def EpRanks(help: str, panel: str | None = None) -> Any:
+    """Expert-parallel rank counts, e.g. ``2,4,8`` (parsed by ``_rank_counts``)."""
+    return Annotated[str | None, typer.Option(metavar="R,...", help=help, rich_help_panel=panel)]
+
+
+def RedundantExperts(help: str, panel: str | None = None) -> Any:
+    return Annotated[int, typer.Option(min=0, help=help, rich_help_panel=panel)]
 
 
 class PlotKind(str, Enum):
@@ -160,7 +170,12 @@ def generate(
     dtype: str = "auto",
     force: Force("Overwrite the files of a previous run.") = False,
 ) -> None:
-    """Run vLLM without and with the routing hook; write the log, timing.json and outputs.jsonl."""
+    """Run vLLM without and with the routing hook; write the log, timing.json and outputs.jsonl.
+
+    Exit 0; 1 when the hook refused to start (its one line is printed); 2 for bad input or a
+    failed engine; 3 when logging stopped during the run (disk full, log removed: the hook's
+    line is printed; timing.json and outputs.jsonl are written, the log is incomplete).
+    """
     from moeprof import generate as lib
     from moeprof.render.generate import RunProgress, print_generate_summary
 
@@ -200,9 +215,17 @@ def generate(
         )
         with RunProgress(console, total_prompts=job.total_prompts) as progress:
             report = lib.run_job(job, on_event=progress.on_event)
+    except lib.EngineRefused as e:
+        fail(_escape(str(e)), 1)
     except UserError as e:
         fail(str(e))
     print_generate_summary(console, report, job.paths)
+    stopped = report.get("log", {}).get("stopped")
+    if stopped:
+        err_console.print(
+            f"[bold red]error:[/] {_escape(stopped)}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(lib.EXIT_LOG_STOPPED)
 
 
 def _layers_label(layers: LayerSelection) -> str:
@@ -226,8 +249,14 @@ def _print_warnings(warnings: list[str]) -> None:
 
 @app.command()
 def validate(
-    log: Annotated[
-        Path, typer.Argument(help="The moeprof log (JSONL) to check.", show_default=False)
+    logs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="The log(s) to check: JSONL files, Parquet logs (a routes.parquet directory "
+            "or a file named *.parquet), globs; a run's data-parallel rank files are checked "
+            "as one log.",
+            show_default=False,
+        ),
     ],
     outputs: Annotated[
         Path | None,
@@ -241,23 +270,38 @@ def validate(
     max_errors: Annotated[
         int, typer.Option(min=1, help="How many errors to list (all are counted).")
     ] = 20,
+    require_complete: Annotated[
+        bool,
+        typer.Option(
+            help="A log moeprof's hook did not close cleanly (engine killed, crashed or still "
+            "running) is invalid, not just warned about."
+        ),
+    ] = False,
 ) -> None:
-    """Check a log: schema, truncation, duplicates, gaps, token accounting (exit 0/1/2).
+    """Check a log: schema, truncation, duplicates, gaps, completeness, token accounting.
 
-    Exit 0 when valid, 1 when invalid, 2 when the input cannot be read.
+    Exit 0 when valid, 1 when invalid, 2 when the input cannot be read. A log not closed
+    cleanly is a warning (exit 0) unless --require-complete. With --json: one report, or a
+    list of reports for several logs.
     """
     from moeprof.analysis import validate as lib
     from moeprof.render.validate import print_validation
 
     try:
-        report = lib.validate_log(log, outputs=outputs, max_errors=max_errors)
+        reports = lib.validate_logs(
+            list(logs), outputs=outputs, max_errors=max_errors, require_complete=require_complete
+        )
     except UserError as e:
         fail(_escape(str(e)), 2)
     if as_json:
-        typer.echo(lib.report_json(report))
+        if len(reports) == 1:
+            typer.echo(lib.report_json(reports[0]))
+        else:
+            typer.echo(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
-        print_validation(report, console)
-    raise typer.Exit(0 if report.valid else 1)
+        for report in reports:
+            print_validation(report, console)
+    raise typer.Exit(0 if all(r.valid for r in reports) else 1)
 
 
 @app.command()
@@ -330,20 +374,14 @@ def analyze(
             rich_help_panel="More analyses",
         ),
     ] = False,
-    ep_ranks: Annotated[
-        str | None,
-        typer.Option(
-            help="Expert-parallel rank counts for --ep, e.g. 2,4,8 (default: the divisors of "
-            "the expert count among 2, 4, 8, 16).",
-            rich_help_panel="More analyses",
-        ),
-    ] = None,
-    redundant_experts: Annotated[
-        int,
-        typer.Option(
-            min=0, help="Redundant expert slots for EPLB in --ep.", rich_help_panel="More analyses"
-        ),
-    ] = 0,
+    ep_ranks: EpRanks(
+        "Expert-parallel rank counts for --ep, e.g. 2,4,8 (default: the divisors of the expert "
+        "count among 2, 4, 8, 16).",
+        "More analyses",
+    ) = None,
+    redundant_experts: RedundantExperts(
+        "Redundant expert slots for EPLB in --ep.", "More analyses"
+    ) = 0,
     full: Annotated[
         bool,
         typer.Option(
@@ -444,12 +482,20 @@ def plot(
         "Only these layers: an index (12), a list (0,12,23) or ranges (0-11,23); one layer "
         "gives its histogram or co-selection matrix. Default: every logged layer."
     ) = None,
+    ep_ranks: EpRanks(
+        "For --kind ep: expert-parallel rank counts, a panel each, e.g. 2,4,8 (default: the "
+        "divisors of the expert count among 2, 4, 8, 16)."
+    ) = None,
+    redundant_experts: RedundantExperts("For --kind ep: redundant expert slots for EPLB.") = 0,
 ) -> None:
     """Plot expert load from one or more logs."""
     from moeprof.analysis import plots as lib
     from moeprof.analysis.analyze import analyze_logs, chosen_layers
+    from moeprof.analysis.passes import PassOptions
 
     try:
+        if kind is not PlotKind.ep and (ep_ranks is not None or redundant_experts):
+            raise UserError("--ep-ranks and --redundant-experts are options of --kind ep")
         lib.check_writable(out, force)
         result = analyze_logs(
             logs,
@@ -459,6 +505,9 @@ def plot(
             analyses=[lib.ANALYSIS_OF_KIND[kind.value]]
             if kind.value in lib.ANALYSIS_OF_KIND
             else [],
+            options=PassOptions(
+                ep_ranks=_rank_counts(ep_ranks), redundant_experts=redundant_experts
+            ),
         )
         written = lib.plot(result, out, kind=kind.value, sort=sort, force=force)
     except UserError as e:
@@ -469,8 +518,14 @@ def plot(
 
 @app.command("compare")
 def compare_logs(
-    a: Annotated[Path, typer.Argument(help="The reference log.", show_default=False)],
-    b: Annotated[Path, typer.Argument(help="The log to check against it.", show_default=False)],
+    logs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="The reference log, then the log to check against it: each a file, a Parquet "
+            "log or a quoted glob ('a/routes.dp*.jsonl': a run's data-parallel ranks are one log).",
+            show_default=False,
+        ),
+    ],
     as_json: AsJson("Print the comparison as JSON.") = False,
     show: Annotated[
         int, typer.Option(min=0, help="How many diverging requests to list with their first token.")
@@ -483,10 +538,18 @@ def compare_logs(
     diverging token; per layer too. Exit 0 (2 when a log cannot be read).
     """
     from moeprof.analysis import compare as lib
+    from moeprof.analysis.sources import open_logs
     from moeprof.render.compare import print_comparison
 
     try:
-        report = lib.compare_logs(a, b, show=show)
+        opened = open_logs(list(logs))
+        if len(opened) != 2:
+            names = ", ".join(str(log.path) for log in opened)
+            raise UserError(
+                f"compare needs two logs, these paths name {len(opened)} ({names}); quote a "
+                "glob to give one run's data-parallel ranks as one side"
+            )
+        report = lib.compare_logs(opened[0], opened[1], show=show)
     except UserError as e:
         fail(_escape(str(e)), 2)
     _print_warnings(report.warnings)
@@ -494,6 +557,166 @@ def compare_logs(
         typer.echo(lib.report_json(report))
     else:
         print_comparison(report, console)
+
+
+@app.command("export")
+def export_log(
+    log: Annotated[
+        Path,
+        typer.Argument(
+            help="The log: JSONL, or Parquet (a directory of parts such as routes.parquet, or "
+            "one Parquet file).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Where to write: a name like routes.parquet gets Parquet (a directory of parts, "
+            "as the hook writes), one like routes.jsonl JSONL; any other name the other form "
+            "than LOG's.",
+        ),
+    ] = None,
+    csv: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            metavar="DIR",
+            help="Also (or only) write the CSV set to DIR: expert_load.csv, coselection.csv, "
+            "step_load.csv and summary.json.",
+        ),
+    ] = None,
+    single_file: Annotated[
+        bool, typer.Option(help="Parquet as one file instead of a directory of parts.")
+    ] = False,
+    num_experts: NumExperts("Experts per layer when the meta does not say (--csv).") = None,
+    force: Force("Overwrite existing output.") = False,
+) -> None:
+    """Convert a log between JSONL and Parquet (routes bit for bit), or write a CSV set.
+
+    Parquet -> JSONL gives the bytes the hook would have written for the same routes. Memory
+    stays flat; exit 2 when the log cannot be read or the output exists (without --force).
+    """
+    from moeprof import export as lib
+    from moeprof.render.generate import export_progress
+
+    if out is None and csv is None:
+        fail("give --out FILE, --csv DIR, or both")
+    try:
+        if out is not None:
+            with export_progress(err_console, f"{log} -> {out}") as progress:
+                result = lib.export(
+                    log, out, single_file=single_file, force=force, on_progress=progress
+                )
+            parts = f" in {result.parts} parts" if result.parts > 1 else ""
+            closed = "" if result.complete else " (the log has no closing record: cut short?)"
+            console.print(
+                f"wrote {result.routes:,} routes to [bold]{_escape(str(out))}[/] "
+                f"({result.format}{parts}){closed}",
+                highlight=False,
+            )
+        if csv is not None:
+            with export_progress(err_console, f"{log} -> {csv}/") as progress:
+                written = lib.export_csv(
+                    log, csv, force=force, num_experts=num_experts, on_progress=progress
+                )
+            console.print(
+                f"wrote {', '.join(p.name for p in written)} to [bold]{_escape(str(csv))}[/]",
+                highlight=False,
+            )
+    except UserError as e:
+        fail(_escape(str(e)), 2)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def serve(
+    ctx: typer.Context,
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Hub id or local folder; 'tiny' for the embedded model (served as 'tiny').",
+            show_default=False,
+        ),
+    ],
+    log: Annotated[
+        Path,
+        typer.Option(help="Routing log to write (a name like routes.parquet: a Parquet log)."),
+    ] = Path("moe_routes.jsonl"),
+    log_layer: Annotated[
+        str,
+        typer.Option(
+            metavar="LAYERS",
+            help="Decoder layers to log: an index (12), a list (0,12,23), ranges (0-11,23) or "
+            "'all'.",
+        ),
+    ] = "0",
+    force: Force("Overwrite an existing log.") = False,
+) -> None:
+    """Start vLLM's OpenAI-compatible server with the routing hook on.
+
+    Every option moeprof does not know goes to vLLM (--port, --max-model-len, ...), e.g.
+    `moeprof serve tiny --log routes.jsonl --port 8000 --enforce-eager`. Requests are logged
+    under their response id plus "-N", N the choice's index ("-0" for n=1). Ctrl-C or SIGTERM
+    stops the server; moeprof then says whether the log is complete and exits with the
+    server's code (1 when the hook refused to start: its one line is printed).
+    """
+    import signal as signals
+
+    from moeprof import serve as lib
+
+    try:
+        job = lib.prepare(model, log=log, layer=log_layer, force=force, vllm_args=ctx.args)
+    except UserError as e:
+        fail(_escape(str(e)), 2)
+    err_console.print(
+        f"moeprof: serving {job.model_label} at {job.address} (vLLM's OpenAI API); logging "
+        f"{_layers_label(job.layers)} to [bold]{_escape(str(log.absolute()))}[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+    def show(line: str) -> None:
+        print(line, flush=True)
+
+    def stopping(signum: int) -> None:
+        err_console.print(
+            f"moeprof: {signals.Signals(signum).name}: stopping the server", highlight=False
+        )
+
+    try:
+        result = lib.run(job, show, stopping)
+    except UserError as e:
+        fail(_escape(str(e)), 2)
+    if result.refusal is not None:
+        fail(_escape(result.refusal), 1)
+    if result.stopped is not None:
+        err_console.print(f"[bold red]error:[/] {_escape(result.stopped)}", highlight=False)
+    if result.end is not None:
+        dropped = result.end.get("dropped") or 0
+        note = f", {dropped:,} dropped" if dropped else ""
+        err_console.print(
+            f"moeprof: log complete: {_escape(str(log))} ({result.end.get('routes', 0):,} routes"
+            f"{note})",
+            highlight=False,
+        )
+    elif result.log_exists:
+        err_console.print(
+            f"[yellow]warning:[/] {_escape(str(log))} is not closed cleanly (no closing "
+            "record): the server was killed or crashed; the log holds what was written before",
+            highlight=False,
+        )
+    if result.returncode != 0 and result.reason:
+        err_console.print(
+            f"[bold red]error:[/] the server exited with code {result.returncode}: "
+            f"{_escape(result.reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    raise typer.Exit(result.returncode)
 
 
 def main() -> None:

@@ -35,6 +35,9 @@ CPU_PARAM_LIMIT = 3e9
 """Above this many parameters a model is too big to be worth running on these CPU machines."""
 
 EventHandler = Callable[[str, dict[str, Any]], None]
+EXIT_LOG_STOPPED = 3
+"""``moeprof generate``'s exit code when the run finished but logging stopped during it (disk
+full, log removed): timing.json and outputs.jsonl are written, the log holds what fit."""
 
 
 @dataclass
@@ -159,6 +162,24 @@ def refuse_overwrite(paths: dict[str, Path], force: bool) -> None:
         refuse_existing(path, force)
 
 
+def check_log_path(log: Path, force: bool) -> None:
+    """Refuse, before any engine starts, a log path the hook would refuse after loading the
+    model: an existing log without ``force``, a dangling symbolic link, a directory where a
+    JSONL file goes, a missing or unwritable folder (the hook's own checks, one line)."""
+    refuse_existing(log, force)
+    from moeprof.hook.config import path_problem
+
+    problem = path_problem(log.absolute(), force)
+    if problem is not None:
+        raise UserError(problem)
+
+
+class EngineRefused(UserError):
+    """The engine did not start because the hook refused (a :class:`HookRefusal` in its
+    output): the message is the hook's one ``moeprof: ...`` line. ``moeprof generate`` and
+    ``moeprof serve`` print it alone and exit 1."""
+
+
 Arm = tuple[str, Path | None]
 """One engine run: its name (``baseline``/``logged``) and the log it writes (None: no hook)."""
 
@@ -225,6 +246,8 @@ def prepare(
         force=force,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not baseline_only:
+        check_log_path(paths["log"], force)
     return job
 
 
@@ -247,6 +270,10 @@ def run_job(job: Job, on_event: EventHandler) -> dict[str, Any]:
     report = timing_report(job.settings, runs.get("baseline"), logged, job.paths["log"], routes)
     if logged:
         report["log"]["layers"] = str(job.layers)
+        stopped = logging_stopped(job.paths["log"], job.out_dir / "vllm-logged.log")
+        report["log"]["complete"] = closing_record(job.paths["log"]) is not None
+        if stopped is not None:
+            report["log"]["stopped"] = stopped
     write_new(job.paths["timing"], json.dumps(report, indent=2) + "\n", force=job.force)
     write_outputs(job.paths["outputs"], logged or runs["baseline"], force=job.force)
     return report
@@ -295,6 +322,9 @@ def run_engine(
             code = proc.wait()
             reader.join(5)
         if code != 0 or not result_path.is_file():
+            refusal = hook_refusal(_read_lines(vllm_log))
+            if refusal is not None:
+                raise EngineRefused(refusal)
             raise UserError(f"the {name} run failed: {failure_reason(vllm_log)} (log: {vllm_log})")
         return json.loads(result_path.read_text())
 
@@ -303,16 +333,35 @@ def _engine_env(
     settings: Settings, log: Path | None, layers: LayerSelection, overwrite_log: bool
 ) -> dict[str, str]:
     """This process's environment without any hook settings it has, then the run's own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_LOG_MOE", "VLLM_MOE_"))}
-    env.pop("_MOEPROF_CHECKED_PATH", None)
-    env.update(settings.extra_env)
+    env = hook_env(log, layers, overwrite_log, extra=settings.extra_env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+def hook_env(
+    log: Path | None,
+    layers: LayerSelection,
+    overwrite: bool,
+    *,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """This process's environment without any hook settings it has, then ``extra``, then the
+    hook's: ``VLLM_LOG_MOE`` (absolute), ``VLLM_MOE_LAYER``, ``VLLM_LOG_MOE_OVERWRITE``
+    (``log`` None: the hook stays off)."""
+    env = {k: v for k, v in os.environ.items() if not _hook_variable(k)}
+    env.update(extra or {})
     if log is not None:
         env["VLLM_LOG_MOE"] = str(log.absolute())
         env["VLLM_MOE_LAYER"] = str(layers)
-        if overwrite_log:
+        if overwrite:
             env["VLLM_LOG_MOE_OVERWRITE"] = "1"
     return env
+
+
+def _hook_variable(name: str) -> bool:
+    """The hook's own settings (``VLLM_LOG_MOE*``, ``VLLM_MOE_LAYER``, its marker), not vLLM's
+    ``VLLM_MOE_*`` variables (``VLLM_MOE_USE_DEEP_GEMM`` ...), which pass through."""
+    return name.startswith("VLLM_LOG_MOE") or name in ("VLLM_MOE_LAYER", "_MOEPROF_CHECKED_PATH")
 
 
 def _relay(fd: int, name: str, on_event: EventHandler) -> None:
@@ -329,13 +378,64 @@ _REASON = re.compile(r"(\w+(?:Error|Exception|Refusal): .*)$")
 ``moeprof: stats ...``) are not reasons, only a raised refusal is."""
 
 
+_STOPPED = re.compile(r"(moeprof: (?!stats ).*\bstopped\b.*)$")
+"""The hook's error line when logging stops while the engine goes on (disk full, log removed):
+``moeprof: logging to PATH stopped after N routes ...``."""
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def hook_refusal(lines: list[str]) -> str | None:
+    """The hook's refusal in an engine's output: its ``moeprof: ...`` line (the last one), or
+    None when the hook did not refuse."""
+    marker = f"{HookRefusal.__name__}: {REFUSAL_PREFIX}"
+    found = [line.split(marker, 1)[1] for line in lines if marker in line]
+    return REFUSAL_PREFIX + found[-1].strip() if found else None
+
+
+def stopped_line(lines: list[str]) -> str | None:
+    """The hook's ``moeprof: ... stopped ...`` error line in an engine's output, or None."""
+    found = [m.group(1) for line in lines if (m := _STOPPED.search(line))]
+    return found[0] if found else None
+
+
+def logging_stopped(log: Path, vllm_log: Path) -> str | None:
+    """Why logging stopped before the engine did, or None when it did not: the hook's error
+    line from the engine's output, else the closing record's ``stopped``."""
+    line = stopped_line(_read_lines(vllm_log))
+    if line is not None:
+        return line
+    end = closing_record(log)
+    if end is not None and end.get("stopped"):
+        return (
+            f"moeprof: logging to {log} stopped after {end.get('routes')} routes: {end['stopped']}"
+        )
+    return None
+
+
+def closing_record(log: Path) -> dict[str, Any] | None:
+    """The log's closing record (JSONL: its last line; Parquet: the last part's metadata; the
+    first rank's for logs of several data-parallel ranks), or None when it has none."""
+    from moeprof.api import closing_record as read
+
+    return read(log)
+
+
 def failure_reason(vllm_log: Path) -> str:
     """The most telling line of a failed engine's output: ours first (the hook's refusals carry
     :data:`~moeprof.errors.REFUSAL_PREFIX`), else the last exception."""
-    try:
-        lines = vllm_log.read_text(errors="replace").splitlines()
-    except OSError:
+    if not vllm_log.is_file():
         return "the engine process died"
+    return failure_reason_of(_read_lines(vllm_log))
+
+
+def failure_reason_of(lines: list[str]) -> str:
+    """:func:`failure_reason` of output lines."""
     found = [m.group(1) for line in lines if (m := _REASON.search(line))]
     ours = [f for f in found if f"{HookRefusal.__name__}: {REFUSAL_PREFIX}" in f]
     if ours:
@@ -411,5 +511,15 @@ def write_outputs(path: Path, result: dict[str, Any], *, force: bool = True) -> 
 
 
 def count_routes(log: Path) -> int:
+    """Routes in a log: the closing record's count where the log has one, else its lines after
+    the meta (JSONL) or rows (Parquet)."""
+    end = closing_record(log)
+    if end is not None and isinstance(end.get("routes"), int):
+        return int(end["routes"])
+    if log.is_dir() or log.suffix == ".parquet":
+        from moeprof.api import open_source
+
+        total = open_source(log).total
+        return int(total or 0)
     with open(log, "rb") as fh:
         return max(sum(1 for _ in fh) - 1, 0)

@@ -27,7 +27,14 @@ def _options(name: str) -> list[TyperOption]:
 
 @pytest.mark.parametrize(
     ("name", "commands"),
-    [("force", 4), ("num_experts", 2), ("exclude_suspect", 2), ("as_json", 3)],
+    [
+        ("force", 6),
+        ("num_experts", 3),
+        ("exclude_suspect", 2),
+        ("as_json", 3),
+        ("ep_ranks", 2),
+        ("redundant_experts", 2),
+    ],
 )
 def test_shared_options_are_the_same_flag_everywhere(name: str, commands: int) -> None:
     options = _options(name)

@@ -292,3 +292,76 @@ def test_the_summary_names_the_layers_and_the_cached_prompt_tokens(tmp_path: Pat
     text = console.export_text()
     assert "prompt tokens served from the cache per pass: 0, 256 (of 4;" in text
     assert "(9 routes, layers 0-3)" in text
+
+
+# --------------------------------------------------------------------------- the hook's lines
+
+REFUSAL_OUTPUT = """\
+(EngineCore pid=1) ERROR 11-30 08:00:00 [core.py:1] EngineCore failed to start.
+Traceback (most recent call last):
+  File "x.py", line 1, in <module>
+(Worker pid=2) ERROR 11-30 08:00:00 [x.py:9] moeprof.errors.HookRefusal: moeprof: /l.jsonl \
+is being written by another process (pid 7); stop it or choose another log path
+RuntimeError: Engine core initialization failed. See root cause above.
+"""
+
+
+def test_a_refusal_in_engine_output_is_the_hooks_one_line() -> None:
+    assert generate.hook_refusal(REFUSAL_OUTPUT.splitlines()) == (
+        "moeprof: /l.jsonl is being written by another process (pid 7); stop it or choose "
+        "another log path"
+    )
+    assert generate.hook_refusal(["RuntimeError: out of memory"]) is None
+
+
+def test_logging_stopped_is_found_in_engine_output_and_stats_lines_are_not_it() -> None:
+    lines = [
+        'INFO [writer.py:1] moeprof: stats {"routes": 5, "stopped": "OSError"}',
+        "ERROR [writer.py:2] moeprof: logging to /l.jsonl stopped after 5 routes on disk "
+        "(9 dropped): OSError: [Errno 28] No space left on device (the engine goes on)",
+    ]
+    assert generate.stopped_line(lines[:1]) is None
+    assert generate.stopped_line(lines) == lines[1][lines[1].index("moeprof:") :]
+
+
+def test_a_log_the_hook_would_refuse_is_refused_before_any_engine(
+    prompts_file: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to(tmp_path / "nowhere" / "x.jsonl")
+
+    def prepare(log: Path, **kw: Any) -> generate.Job:
+        return generate.prepare(
+            prompts_file, out_dir=tmp_path / "out", log=log, model=str(model_dir), **kw
+        )
+
+    with pytest.raises(UserError, match="dangling symbolic link"):
+        prepare(dangling)
+    with pytest.raises(UserError, match="does not exist"):
+        prepare(tmp_path / "no" / "x.jsonl")
+    assert prepare(dangling, baseline_only=True).arms == (("baseline", None),)
+
+
+def test_routes_are_counted_from_the_closing_record_else_from_the_lines(tmp_path: Path) -> None:
+    log = tmp_path / "routes.jsonl"
+    log.write_text('{"type":"meta"}\n{"r":1}\n{"r":2}\n')
+    assert generate.count_routes(log) == 2
+    log.write_text('{"type":"meta"}\n{"r":1}\n{"r":2}\n{"type":"end","routes":2}\n')
+    assert generate.count_routes(log) == 2
+    assert generate.closing_record(log) == {"type": "end", "routes": 2}
+
+
+def test_the_engine_gets_the_hooks_settings_and_keeps_vllms_own_moe_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLLM_LOG_MOE", "/elsewhere.jsonl")
+    monkeypatch.setenv("VLLM_LOG_MOE_OVERWRITE", "1")
+    monkeypatch.setenv("VLLM_MOE_LAYER", "7")
+    monkeypatch.setenv("VLLM_MOE_USE_DEEP_GEMM", "0")
+    env = generate.hook_env(tmp_path / "r.jsonl", parse_layers("0-2"), overwrite=False)
+    assert env["VLLM_LOG_MOE"] == str((tmp_path / "r.jsonl").absolute())
+    assert env["VLLM_MOE_LAYER"] == "0-2"
+    assert "VLLM_LOG_MOE_OVERWRITE" not in env
+    assert env["VLLM_MOE_USE_DEEP_GEMM"] == "0"
+    off = generate.hook_env(None, parse_layers("0"), overwrite=True)
+    assert not any(k.startswith("VLLM_LOG_MOE") or k == "VLLM_MOE_LAYER" for k in off)

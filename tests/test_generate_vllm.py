@@ -121,3 +121,87 @@ def test_a_missing_or_empty_prompts_file_is_a_one_line_error(
     assert proc.returncode == 2
     assert reason in proc.stderr and str(prompts) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _lines_without_progress(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_a_hook_refusal_is_the_one_moeprof_line_and_exit_1(tmp_path: Path) -> None:
+    """A real refusal that only the hook can make: another process holds the log's lock (as a
+    second engine writing it would), so the engine refuses at start; generate prints the
+    hook's one line, no traceback, and leaves the other writer's file alone."""
+    import fcntl
+
+    (tmp_path / "prompts.txt").write_text(QUESTIONS[0] + "\n")
+    log = tmp_path / "held.jsonl"
+    log.write_text("held by another writer\n")
+    with open(log, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = moeprof(
+            "generate",
+            "--model",
+            "tiny",
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--log",
+            str(log),
+            "--no-baseline",
+            "--force",
+            "--max-new-tokens",
+            "2",
+        )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = _lines_without_progress(proc.stderr)
+    assert len(errors) == 1 and errors[0].startswith("error: moeprof: "), proc.stderr
+    assert str(log) in errors[0] and "another process" in errors[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert log.read_text() == "held by another writer\n"
+
+
+def test_logging_stopped_by_a_full_disk_is_printed_and_exits_3(tmp_path: Path) -> None:
+    """The log on a real 100 KiB tmpfs (a private mount namespace): the hook stops logging when
+    it is full and the engine goes on; generate finishes the run, prints the hook's line and
+    exits 3, with timing.json and outputs.jsonl written."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (a private mount namespace) is not available here")
+    (tmp_path / "prompts.txt").write_text("\n\n---\n\n".join(QUESTIONS[:3] * 3) + "\n")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "moeprof",
+        "generate",
+        "--model",
+        "tiny",
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--out-dir",
+        str(out),
+        "--log",
+        str(disk / "routes.jsonl"),
+        "--log-layer",
+        "all",
+        "--no-baseline",
+        "--max-new-tokens",
+        "48",
+        "--ignore-eos",
+    ]
+    script = f'mount -t tmpfs -o size=100k tmpfs {disk} && exec "$@"'
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", *command],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "moeprof: " in errors[0] and "stopped" in errors[0], proc.stderr
+    assert (out / "timing.json").is_file() and (out / "outputs.jsonl").is_file()
+    timing = json.loads((out / "timing.json").read_text())
+    assert "stopped" in timing["log"]["stopped"]

@@ -1,7 +1,10 @@
-"""What ``generate`` shows on the terminal: live progress of the engine runs and a summary."""
+"""What ``generate`` shows on the terminal: live progress of the engine runs and a summary (and
+the progress bar of ``export``, the other long-running command)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,28 @@ class RunProgress:
             self._progress.update(task, description=f"{run}: done", completed=self._total)
 
 
+@contextlib.contextmanager
+def export_progress(console: Console, label: str) -> Iterator[Callable[[int, int | None], None]]:
+    """A progress bar of routes for ``moeprof export`` (on stderr, transient; shown only on a
+    terminal); yields the callback the library reports to."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,} routes"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    with progress:
+        task = progress.add_task(label, total=None)
+
+        def report(done: int, total: int | None) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield report
+
+
 def print_generate_summary(
     console: Console, report: dict[str, Any], paths: dict[str, Path]
 ) -> None:
@@ -105,5 +130,8 @@ def print_generate_summary(
     if "log" in report:
         log = report["log"]
         layers = f", layers {log['layers']}" if "layers" in log else ""
-        console.print(f"log: [bold]{paths['log']}[/] ({log['routes']:,} routes{layers})")
+        closed = ""
+        if log.get("complete") is False:
+            closed = "; [yellow]no closing record: incomplete[/]"
+        console.print(f"log: [bold]{paths['log']}[/] ({log['routes']:,} routes{layers}{closed})")
     console.print(f"timing: {paths['timing']}  outputs: {paths['outputs']}")
