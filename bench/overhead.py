@@ -36,8 +36,8 @@ Quick look (25 questions; short passes, so per-step noise shows more):
 
     python bench/overhead.py --prompts 25 --pairs 3 --json bench/results/overhead_cpu.json
 
-``--sink parquet`` logs to a Parquet directory instead of JSONL (the same arms, so
-logged/baseline can be compared per sink across two runs).
+``--sink jsonl --sink parquet`` gives each layer selection one arm per log format (a JSONL
+file, a Parquet directory), run side by side in the same rounds.
 
 Exit code: 0 when tokens are identical and every log is valid, 1 when a check failed, 2 when
 an engine failed (the rounds completed before it are still reported and written).
@@ -211,27 +211,34 @@ def fmt(value: float | None, spec: str) -> str:
 @dataclass(frozen=True)
 class Arm:
     name: str
-    """``baseline``, ``logged[SPEC]`` or ``naive``."""
+    """``baseline``, ``logged[SPEC]`` (``logged[SPEC]/parquet`` for a Parquet sink) or
+    ``naive``."""
     kind: str
     layers: str | None = None
     """The layer selection, canonical (``parse_layers``'s spelling)."""
+    sink: str = "jsonl"
+    """The logged arm's log format: ``jsonl`` or ``parquet``."""
 
     @property
     def slug(self) -> str:
         if self.layers is None:
             return self.kind
-        return f"{self.kind}-{re.sub(r'[^0-9a-z]+', '_', self.layers)}"
+        return f"{self.kind}-{re.sub(r'[^0-9a-z]+', '_', self.layers)}-{self.sink}"
 
 
-def logged_arms(specs: Sequence[str]) -> list[Arm]:
-    """One arm per layer selection, in the order given; a bad or repeated selection is an
-    error."""
+def logged_arms(specs: Sequence[str], sinks: Sequence[str] = ("jsonl",)) -> list[Arm]:
+    """One arm per layer selection and sink, in the order given (selections outer); a bad or
+    repeated selection is an error."""
     arms: list[Arm] = []
+    canonicals: list[str] = []
     for spec in specs:
         canonical = str(parse_layers(spec))
-        if any(a.layers == canonical for a in arms):
+        if canonical in canonicals:
             raise LayerSpecError(f"--layers {spec!r} names the same layers as an earlier one")
-        arms.append(Arm(f"logged[{canonical}]", "logged", canonical))
+        canonicals.append(canonical)
+        for sink in dict.fromkeys(sinks):
+            suffix = "" if sink == "jsonl" else f"/{sink}"
+            arms.append(Arm(f"logged[{canonical}]{suffix}", "logged", canonical, sink))
     return arms
 
 
@@ -279,9 +286,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--sink",
+        dest="sinks",
+        action="append",
         choices=("jsonl", "parquet"),
-        default="jsonl",
-        help="the logged arms' log format: a JSONL file or a Parquet directory (default jsonl)",
+        help="log format of the logged arms: a JSONL file or a Parquet directory (repeatable: "
+        "one arm per selection and sink, side by side in the same rounds; default jsonl)",
     )
     p.add_argument("--naive", action="store_true", help="also time the naive hook (eager)")
     p.add_argument("--enforce-eager", action="store_true", help="baseline and logged eager too")
@@ -291,7 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pairs < 1:
         p.error("--pairs must be >= 1")
     try:
-        args.arms = logged_arms(args.layers or ["0"])
+        args.arms = logged_arms(args.layers or ["0"], args.sinks or ["jsonl"])
     except LayerSpecError as e:
         p.error(str(e))
     args.naive_layer = naive_layer(args.arms)
@@ -331,7 +340,7 @@ def run_arm(
     """One engine of ``arm`` in round ``index``: its timing, tokens, and for a logged arm the
     log check and the hook's stats."""
     stem = f"r{index}-{arm.slug}"
-    log = work / f"{stem}.{args.sink}" if arm.kind == "logged" else None
+    log = work / f"{stem}.{arm.sink}" if arm.kind == "logged" else None
     s = settings
     if arm.kind == "naive":
         s = generate.Settings(
@@ -505,6 +514,7 @@ def summarise(
     error: str | None,
 ) -> dict[str, Any]:
     layers_of = {a.name: a.layers for a in args.arms}
+    sink_of = {a.name: a.sink for a in args.arms}
     names = ["baseline", *layers_of]
     base_walls = [r["wall_time_sec"]["baseline"] for r in rounds]
     arms: dict[str, dict[str, Any]] = {}
@@ -517,6 +527,7 @@ def summarise(
         stats = ratio_stats(ratios, args.target)
         arms[name] |= {
             "layers": layers_of[name],
+            "sink": sink_of[name],
             "ratio_vs_baseline": stats,
             "overhead_pct_median": (stats["median"] - 1) * 100,
             "target_met": stats["target_met"],
@@ -547,7 +558,7 @@ def summarise(
         "warmup": args.warmup,
         "enforce_eager": settings.enforce_eager,
         "layers": [a.layers for a in args.arms],
-        "sink": args.sink,
+        "sinks": sorted({a.sink for a in args.arms}),
         "target": args.target,
         "arms": arms,
         "rounds": [

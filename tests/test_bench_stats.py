@@ -129,6 +129,12 @@ def test_layer_selections_become_named_arms() -> None:
     assert overhead.naive_layer(overhead.logged_arms(["all"])) is None
     with pytest.raises(ValueError):
         overhead.logged_arms(["1", " 1 "])
+    both = overhead.logged_arms(["all"], ["jsonl", "parquet"])
+    assert [(a.name, a.sink) for a in both] == [
+        ("logged[all]", "jsonl"),
+        ("logged[all]/parquet", "parquet"),
+    ]
+    assert len({a.slug for a in both}) == 2  # their logs do not collide
     args = overhead.parse_args(["--layer", "2"])
     assert [a.name for a in args.arms] == ["logged[2]"]
     assert [a.name for a in overhead.parse_args([]).arms] == ["logged[0]"]
