@@ -26,6 +26,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)
 from moeprof import generate
 from moeprof.analysis.reader import open_log
 from moeprof.columns import END_KEY, META_KEY
+from moeprof.export import export
 from moeprof.hook.sinks import part_names
 from moeprof.tiny import CONFIG, tiny_model_path
 
@@ -116,6 +117,21 @@ def test_a_parquet_log_holds_the_routes_of_a_jsonl_log_of_the_same_prompts(pair:
     pw = np.array(p["topk_weights"], np.float32)
     jw = np.concatenate([c.weights for c in chunks]).astype(np.float32)
     assert pw.tobytes() == jw.tobytes()
+
+
+def test_the_parquet_log_exported_to_jsonl_is_the_jsonl_log_line_for_line(
+    pair: dict, tmp_path: Path
+) -> None:
+    exported = tmp_path / "exported.jsonl"
+    export(pair["parquet"], exported)
+    ours = exported.read_text().splitlines()
+    theirs = pair["jsonl"].read_text().splitlines()
+    # the route lines are byte-identical (weights bit-exact); meta and closing record differ
+    # only in when they were written
+    assert ours[1:-1] == theirs[1:-1]
+    for a, b in ((ours[0], theirs[0]), (ours[-1], theirs[-1])):
+        x, y = json.loads(a), json.loads(b)
+        assert {**x, "created": 0, "closed": 0} == {**y, "created": 0, "closed": 0}
 
 
 def test_both_logs_end_with_the_same_closing_record(pair: dict) -> None:
