@@ -12,10 +12,10 @@ hook writes them since issue #11; ``synthetic_*`` files are older logs without i
 
 ``--format parquet`` times the same routes as a Parquet log (``synthetic_*.parquet/``, a
 directory of parts converted from the cached JSONL log with the hook's Parquet sink settings:
-zstd, dictionaries for ``req_id`` and ``phase`` only, row groups of 2**17 routes, parts of
-2**20). ``--tasks`` also takes ``read`` (the reader alone: every chunk, nothing done with it)
-and ``load`` (the reader and analyze's load statistics, the per-layer and phase accumulators,
-without the contamination check). The machine these run on is shared: ``--repeat 3`` runs each
+``columns.WRITE_OPTIONS``, row groups of 2**17 routes, parts of 2**20). ``--tasks`` also
+takes ``read`` (the reader alone: every chunk, nothing done with it) and ``load`` (the
+reader and analyze's load statistics, the per-layer and phase accumulators, without the
+contamination check). The machine these run on is shared: ``--repeat 3`` runs each
 task three times and keeps the fastest.
 
     .venv/bin/python bench/analysis_throughput.py --format parquet --routes 10000000 \
@@ -301,8 +301,8 @@ def generate_layers(path: Path, routes: int, layers: int, seed: int = 1234) -> N
 
 def to_parquet(jsonl: Path, out: Path) -> None:
     """Write the routes of ``jsonl`` as a Parquet log directory ``out`` the way the hook's
-    sink does (:data:`PARQUET_ROW_GROUP`, :data:`PARQUET_PART`, zstd, dictionaries for the
-    request id and phase only), read with moeprof's own reader."""
+    sink does (:data:`PARQUET_ROW_GROUP`, :data:`PARQUET_PART`, ``columns.WRITE_OPTIONS``),
+    read with moeprof's own reader."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -333,8 +333,7 @@ def to_parquet(jsonl: Path, out: Path) -> None:
             state["writer"] = pq.ParquetWriter(
                 str(tmp / columns.part_name(state["part"])),
                 schema,
-                compression="zstd",
-                use_dictionary=["req_id", "phase"],
+                **columns.WRITE_OPTIONS,
             )
         state["writer"].write_table(pa.Table.from_batches([batch]).cast(schema))
         state["rows"] += len(chunk)

@@ -637,7 +637,9 @@ def check_log(path: Path, outcomes: Sequence[Outcome]) -> LogCheck:
                 f"closing record says {result.end.get('routes')} routes, log has {routes}"
             )
         unfinished = result.end.get("requests_unfinished")
-        if unfinished is not None and unfinished != result.cut_in_log:
+        # an upper bound: requests that finished in the engine's last step count too (vLLM
+        # tells a worker a request finished only with the next step), so only fewer is wrong
+        if unfinished is not None and unfinished < result.cut_in_log:
             result.problem(
                 f"closing record: requests_unfinished={unfinished}, but {result.cut_in_log} "
                 "requests in the log were in flight at the stop"

@@ -12,7 +12,7 @@ Measured per configuration (sink x number of logged layers), median of ``--repea
 time of the writer thread only (``time.thread_time``; the feeding thread is not counted):
 
 - ``map``: mapping rows to requests and building the columns (shared by both sinks),
-- ``sink``: the sink's work (JSONL: formatting and writing; Parquet: Arrow batches, zstd
+- ``sink``: the sink's work (JSONL: formatting and writing; Parquet: Arrow batches, lz4
   encoding, parts), including closing the log,
 - ``total``: everything the writer thread did, in microseconds per route, and the routes per
   second of writer CPU that gives; the log's size in bytes per route.

@@ -660,7 +660,9 @@ def serve(
 
     Every option moeprof does not know goes to vLLM (--port, --max-model-len, ...), e.g.
     `moeprof serve tiny --log routes.jsonl --port 8000 --enforce-eager`. Requests are logged
-    under their response id plus "-N", N the choice's index ("-0" for n=1). Ctrl-C or SIGTERM
+    under vLLM's request ids: a completion's id plus "-P", P the prompt's index ("-0" for one
+    prompt); a chat completion's id as is; with n > 1, "C_" before that, C the choice's index
+    (README: "Which req_id a served request is logged under"). Ctrl-C or SIGTERM
     stops the server; moeprof then says whether the log is complete and exits with the
     server's code (1 when the hook refused to start: its one line is printed).
     """

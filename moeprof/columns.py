@@ -38,6 +38,20 @@ END_KEY = b"moeprof.end"
 PART_GLOB = "part-*.parquet"
 PART_RE = re.compile(r"part-(\d{5,})\.parquet")
 
+WRITE_OPTIONS: dict[str, object] = {
+    "compression": "lz4",
+    "use_dictionary": ["req_id", "phase", "topk_ids.list.element"],
+    "write_statistics": ["token_idx", "layer", "step"],
+}
+"""How moeprof encodes parts (``pq.ParquetWriter(..., **WRITE_OPTIONS)``): the hook's sink,
+``export`` and the benchmarks alike. Measured on 1M routes, top-4 of 60 experts, per route
+(encode / decode every column / size): zstd with dictionaries on req_id and phase only
+181 / 72 ns / 19.6 B; lz4 with a dictionary on the expert ids too 118 / 43 ns / 19.4 B (ids
+take few distinct values: bit-packed dictionary indices beat compressing them; weights are
+near-random floats, a dictionary on them only costs). Statistics only where readers prune.
+Two thirds of the encoding time is the two list columns' repetition levels (flat columns
+would cost about half), the price of ``topk_ids``/``topk_weights`` reading as lists."""
+
 COLUMNS: tuple[str, ...] = (
     "req_id",
     "token_idx",

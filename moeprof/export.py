@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from moeprof.api import PathArg, Progress, RouteSource, open_source
+from moeprof.columns import WRITE_OPTIONS
 from moeprof.errors import UserError
 from moeprof.outfiles import refuse_existing, replacing
 
@@ -43,7 +44,6 @@ PART_ROWS = 1 << 20
 """Routes per Parquet part (and per row group of a single-file export)."""
 ROW_GROUP_ROWS = 1 << 18
 """Routes per Parquet row group."""
-COMPRESSION = "zstd"
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ class _Part:
 
         self.path = path
         self.rows = 0
-        self._writer = pq.ParquetWriter(path, schema, compression=COMPRESSION)
+        self._writer = pq.ParquetWriter(path, schema, **WRITE_OPTIONS)
 
     def write(self, table: pa.Table) -> None:
         self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)

@@ -57,13 +57,6 @@ from moeprof.layout import format_routes, route_template
 
 FORMAT_CHUNK = 64
 """Routes formatted as JSON between two hand-backs of the GIL (about 0.1 ms of work)."""
-PARQUET_COMPRESSION = "lz4"
-PARQUET_DICTIONARY = ["req_id", "phase", "topk_ids.list.element"]
-"""How parts are encoded. Measured on 1M routes, top-4 of 60 experts (per route, writer / read
-of every column): zstd with dictionaries on req_id and phase only 181 / 72 ns, 19.6 B;
-lz4 with a dictionary on the expert ids too 118 / 43 ns, 19.4 B (ids are few distinct values:
-the dictionary's bit-packed indices beat compressing them); weights are near-random floats, a
-dictionary on them only costs."""
 PIECE_BYTES = 1 << 16
 """JSONL text is written in pieces of whole lines of at least this size (the last one less)."""
 ARROW_CHUNK = 1 << 15
@@ -481,14 +474,12 @@ class ParquetSink:
     def _open_part(self) -> None:
         import pyarrow.parquet as pq
 
-        from moeprof.columns import temp_part_name
+        from moeprof.columns import WRITE_OPTIONS, temp_part_name
 
         self._part = pq.ParquetWriter(
             str(self.path / temp_part_name(self._index)),
             self._schema,
-            compression=PARQUET_COMPRESSION,
-            use_dictionary=PARQUET_DICTIONARY,
-            write_statistics=["token_idx", "layer", "step"],  # where readers prune by them
+            **WRITE_OPTIONS,
         )
         self._part_routes = 0
         self._part_opened = time.monotonic()
