@@ -31,6 +31,7 @@ import json
 import operator
 import os
 import stat
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -360,7 +361,7 @@ def _repeated_key(line: bytes) -> str | None:
 LogForm = Literal["jsonl", "parquet", "several"]
 
 
-class LogBase:
+class LogBase(ABC):
     """What every form of log offers its readers: a JSON Lines file (:class:`RouteLog`), a
     Parquet log (:class:`~moeprof.analysis.parquet_log.ParquetLog`), or the files of one run's
     data-parallel ranks read as one (:class:`~moeprof.analysis.sources.MultiLog`).
@@ -393,19 +394,19 @@ class LogBase:
             self._sorted_layers = np.asarray(self.meta.layers_logged, np.int64)[order]
             self._slot_of_sorted = order
 
+    @abstractmethod
     def chunks(
         self, on_issue: IssueSink | None = None, *, on_decoded: DecodedSink | None = None
-    ) -> Iterator[RouteChunk]:
-        raise NotImplementedError
+    ) -> Iterator[RouteChunk]: ...
 
-    def with_num_experts(self, num_experts: int) -> LogBase:
-        raise NotImplementedError
+    @abstractmethod
+    def with_num_experts(self, num_experts: int) -> LogBase: ...
 
     @property
+    @abstractmethod
     def routes_read(self) -> int:
         """Route records (valid or not) seen in the last complete pass: what a closing
         record's ``routes`` counts."""
-        raise NotImplementedError
 
     @property
     def members(self) -> list[LogBase]:
