@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from moeprof.api import PathArg, Progress, RouteSource, open_source
 from moeprof.columns import WRITE_OPTIONS
 from moeprof.errors import UserError
-from moeprof.outfiles import refuse_existing, replacing
+from moeprof.outfiles import refuse_existing, replacing, umask
 
 if TYPE_CHECKING:
     import numpy as np
@@ -303,7 +303,7 @@ def _write_parquet_dir(
             parts += 1
         part.close(source.end)
         part = None
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         _replace_dir(tmp, out, force)
     except OSError as e:
         raise UserError(f"{out}: cannot write: {e.strerror or e}") from e
@@ -314,12 +314,6 @@ def _write_parquet_dir(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return routes, parts
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace_dir(tmp: Path, out: Path, force: bool) -> None:

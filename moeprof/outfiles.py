@@ -17,7 +17,10 @@ from pathlib import Path
 from moeprof.errors import UserError
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file mode creation mask (read by setting it, then setting it back): what a
+    temporary file made with owner-only permissions is given so it ends up as a plain ``open``
+    would have made it."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -43,7 +46,7 @@ def replacing(path: Path, *, force: bool) -> Iterator[Path]:
             prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent
         )
         os.close(fd)
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open would not
+        os.chmod(tmp_name, 0o666 & ~umask())  # mkstemp makes 0600; a plain open would not
     except OSError as e:
         raise UserError(f"{path}: cannot write: {e.strerror or e}") from e
     tmp = Path(tmp_name)

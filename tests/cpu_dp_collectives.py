@@ -12,11 +12,10 @@ parallelism here. ``test_parallel_vllm.py`` loads it into every vLLM process thr
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
 from types import ModuleType
 from typing import Any
+
+from moeprof.hook.install import _when_imported as when_imported
 
 TARGET = "vllm.distributed.device_communicators.cpu_communicator"
 
@@ -68,26 +67,6 @@ def _patch(module: ModuleType) -> None:
 
 
 def install() -> None:
-    """Patch ``CpuCommunicator`` now, or when it is first imported."""
-    if TARGET in sys.modules:
-        _patch(sys.modules[TARGET])
-        return
-    sys.meta_path.insert(0, _PatchOnImport())
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != TARGET:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_and_patch(module: ModuleType) -> None:
-            exec_module(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
-        return spec
+    """Patch ``CpuCommunicator`` now, or when it is first imported (as the hook patches vLLM's
+    worker)."""
+    when_imported(TARGET, _patch)

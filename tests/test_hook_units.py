@@ -9,12 +9,21 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from fakes import (
+    FakeMoERunner,
+    FakeRouter,
+    loaded_worker,
+    scheduled,
+    v1_runner,
+    worker_class,
+)
 
 from moeprof.errors import REFUSAL_PREFIX, HookRefusal
 from moeprof.generate import failure_reason
@@ -426,76 +435,6 @@ def test_only_the_first_process_of_a_launch_checks_the_path(log_env: Path) -> No
 # --- Start-up against the loaded model, with plain fakes of vLLM's objects ----------------------
 
 
-class FakeRouter:
-    """Stands in for vLLM's ``BaseRouter``: returns ``(topk_weights, topk_ids)``; ``shift``
-    moves the ids, so that layers can route differently."""
-
-    top_k = 2
-    global_num_experts = 8
-
-    def __init__(self, shift: int = 0) -> None:
-        self.shift = shift
-
-    def _compute_routing(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = hidden.shape[0]
-        ids = ((torch.arange(2 * n).reshape(n, 2) + self.shift) % 8).to(torch.int64)
-        weights = torch.full((n, 2), 0.25, dtype=torch.float32) + ids / 100
-        return weights, ids
-
-
-class FakeMoERunner:
-    """Stands in for vLLM's ``MoERunner``."""
-
-    def __init__(self, layer_id: int, *, monolithic: bool = False, router: Any = None) -> None:
-        self.layer_id = layer_id
-        self.is_monolithic = monolithic
-        self.router = FakeRouter() if router is None else router
-
-
-def _vllm_config(**parallel: Any) -> types.SimpleNamespace:
-    ns = types.SimpleNamespace
-    return ns(
-        model_config=ns(
-            model="fake/moe",
-            seed=1234,
-            dtype=torch.bfloat16,
-            enforce_eager=False,
-            get_num_experts=lambda: 8,
-        ),
-        cache_config=ns(enable_prefix_caching=False),
-        compilation_config=ns(cudagraph_mode="NONE", max_cudagraph_capture_size=None),
-        scheduler_config=ns(max_num_batched_tokens=64),
-        parallel_config=ns(
-            **{
-                "pipeline_parallel_size": 1,
-                "tensor_parallel_size": 1,
-                "data_parallel_rank": 0,
-                "data_parallel_size": 1,
-            }
-            | parallel
-        ),
-        speculative_config=None,
-    )
-
-
-def _v1_runner(runners: list[FakeMoERunner]) -> types.SimpleNamespace:
-    """A V1 model runner after a step; tests fill its batch."""
-    ns = types.SimpleNamespace
-    model = ns(modules=lambda: [ns(), *runners])  # other modules are skipped
-    return ns(
-        device="cpu",
-        get_model=lambda: model,
-        input_batch=ns(req_ids=[], num_computed_tokens_cpu=np.zeros(8, dtype=np.int32)),
-        query_start_loc=ns(np=np.zeros(9, dtype=np.int32)),
-    )
-
-
-def _worker(runners: list[FakeMoERunner], **parallel: Any) -> types.SimpleNamespace:
-    return types.SimpleNamespace(
-        vllm_config=_vllm_config(**parallel), model_runner=_v1_runner(runners)
-    )
-
-
 @pytest.fixture
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
     """What compat imports from vLLM itself, for fakes: the MoE runner type, TP rank, version."""
@@ -510,7 +449,7 @@ def _start(worker: Any, tmp_path: Path, layer: int | str = 1) -> StepCollector |
 
 
 def test_engine_facts_are_read_from_the_config(fake_vllm: None) -> None:
-    worker = _worker([], data_parallel_size=2, data_parallel_rank=1, tensor_parallel_size=4)
+    worker = loaded_worker([], data_parallel_size=2, data_parallel_rank=1, tensor_parallel_size=4)
     worker.vllm_config.compilation_config.max_cudagraph_capture_size = 512
     facts = compat.engine_facts(worker)
     assert facts.model_id == "fake/moe" and facts.seed == 1234 and facts.dtype == "bfloat16"
@@ -523,7 +462,7 @@ def test_engine_facts_are_read_from_the_config(fake_vllm: None) -> None:
 
 
 def test_speculative_decoding_is_refused(fake_vllm: None, tmp_path: Path) -> None:
-    worker = _worker([FakeMoERunner(1)])
+    worker = loaded_worker([FakeMoERunner(1)])
     worker.vllm_config.speculative_config = types.SimpleNamespace(num_speculative_tokens=3)
     with pytest.raises(HookRefusal, match=r"^moeprof: speculative decoding routes draft tokens"):
         _start(worker, tmp_path)
@@ -532,13 +471,13 @@ def test_speculative_decoding_is_refused(fake_vllm: None, tmp_path: Path) -> Non
 
 def test_a_model_without_moe_layers_is_refused(fake_vllm: None, tmp_path: Path) -> None:
     with pytest.raises(HookRefusal, match=r"^moeprof: fake/moe has no MoE layer to log$"):
-        _start(_worker([]), tmp_path)
+        _start(loaded_worker([]), tmp_path)
 
 
 def test_a_layer_that_is_not_an_moe_layer_is_refused_with_the_moe_layers(
     fake_vllm: None, tmp_path: Path
 ) -> None:
-    worker = _worker([FakeMoERunner(i) for i in (0, 1, 2, 5)])
+    worker = loaded_worker([FakeMoERunner(i) for i in (0, 1, 2, 5)])
     with pytest.raises(
         HookRefusal,
         match=r"^moeprof: VLLM_MOE_LAYER=4 is not an MoE layer of fake/moe; "
@@ -548,19 +487,19 @@ def test_a_layer_that_is_not_an_moe_layer_is_refused_with_the_moe_layers(
 
 
 def test_a_pipeline_stage_without_the_layer_starts_nothing(fake_vllm: None, tmp_path: Path) -> None:
-    worker = _worker([FakeMoERunner(0), FakeMoERunner(1)], pipeline_parallel_size=2)
+    worker = loaded_worker([FakeMoERunner(0), FakeMoERunner(1)], pipeline_parallel_size=2)
     assert _start(worker, tmp_path, layer=3) is None  # another stage holds layer 3
     assert not (tmp_path / "log.jsonl").exists()
 
 
 def test_a_monolithic_kernel_is_refused(fake_vllm: None, tmp_path: Path) -> None:
-    worker = _worker([FakeMoERunner(1, monolithic=True)])
+    worker = loaded_worker([FakeMoERunner(1, monolithic=True)])
     with pytest.raises(HookRefusal, match=r"^moeprof: layer 1 runs a monolithic MoE kernel"):
         _start(worker, tmp_path)
 
 
 def test_a_runner_without_a_router_is_an_unsupported_vllm(fake_vllm: None, tmp_path: Path) -> None:
-    worker = _worker([FakeMoERunner(1, router=types.SimpleNamespace(top_k=2))])
+    worker = loaded_worker([FakeMoERunner(1, router=types.SimpleNamespace(top_k=2))])
     with pytest.raises(
         HookRefusal,
         match=r"^moeprof: vLLM 0\.0\.fake is not supported: the MoE runner of layer 1 has no "
@@ -576,15 +515,15 @@ def test_tensor_parallel_ranks_other_than_0_log_nothing_but_refuse_alike(
     layer that cannot be logged is refused on every rank."""
     monkeypatch.setattr(compat, "tensor_parallel_rank", lambda: 1)
     runner = FakeMoERunner(1)
-    assert _start(_worker([runner], tensor_parallel_size=2), tmp_path) is None
+    assert _start(loaded_worker([runner], tensor_parallel_size=2), tmp_path) is None
     assert "_compute_routing" not in vars(runner.router)
     assert not (tmp_path / "log.jsonl").exists()
     with pytest.raises(HookRefusal, match="monolithic"):
-        _start(_worker([FakeMoERunner(1, monolithic=True)], tensor_parallel_size=2), tmp_path)
+        _start(loaded_worker([FakeMoERunner(1, monolithic=True)], tensor_parallel_size=2), tmp_path)
 
 
 def test_each_data_parallel_rank_writes_its_own_log(fake_vllm: None, tmp_path: Path) -> None:
-    worker = _worker([FakeMoERunner(1)], data_parallel_size=2, data_parallel_rank=1)
+    worker = loaded_worker([FakeMoERunner(1)], data_parallel_size=2, data_parallel_rank=1)
     collector = _start(worker, tmp_path)
     assert collector is not None
     collector.close()
@@ -596,7 +535,7 @@ def test_each_data_parallel_rank_writes_its_own_log(fake_vllm: None, tmp_path: P
 def test_meta_describes_the_engine_and_falls_back_to_the_routers_expert_count(
     fake_vllm: None, tmp_path: Path
 ) -> None:
-    worker = _worker([FakeMoERunner(1)])
+    worker = loaded_worker([FakeMoERunner(1)])
     worker.vllm_config.model_config.get_num_experts = lambda: 0
     collector = _start(worker, tmp_path)
     assert collector is not None
@@ -638,7 +577,7 @@ def test_the_v2_model_runner_batch_is_read_and_copied() -> None:
 
 
 def test_the_v1_model_runner_batch_is_read_with_the_scheduled_token_count() -> None:
-    runner = _v1_runner([])
+    runner = v1_runner([])
     runner.input_batch.req_ids = ["a", "b"]
     runner.input_batch.num_computed_tokens_cpu[:2] = [0, 9]
     runner.query_start_loc.np[:3] = [0, 3, 4]
@@ -650,25 +589,15 @@ def test_a_model_runner_with_neither_batch_layout_is_unsupported(fake_vllm: None
         compat.step_batch_reader(types.SimpleNamespace(execute_model_state=None))
 
 
-def _scheduled(
-    num_tokens: int, new: tuple[Any, ...] | list[Any] = (), finished: frozenset[str] = frozenset()
-) -> types.SimpleNamespace:
-    return types.SimpleNamespace(
-        total_num_scheduled_tokens=num_tokens,
-        scheduled_new_reqs=list(new),
-        finished_req_ids=finished,
-    )
-
-
 def test_a_step_without_tokens_does_not_decide_which_runner_it_is() -> None:
     """V2 keeps no batch for an empty step; the runner is looked at once a step has tokens."""
     worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(execute_model_state=None))
     read = compat.StepReader(worker)
-    step = read(_scheduled(0, finished=frozenset({"x"})))
+    step = read(scheduled(0, finished=frozenset({"x"})))
     assert step == compat.ScheduledStep(frozenset({"x"}), None, {})
     worker.model_runner = _v2_runner(["a"], [0, 2], [0], 2)
     new = [types.SimpleNamespace(req_id="a", prompt_token_ids=[5, 6])]
-    assert read(_scheduled(2, new)) == compat.ScheduledStep(
+    assert read(scheduled(2, new)) == compat.ScheduledStep(
         frozenset(), StepBatch(["a"], [0, 2], [0], 2), {"a": 2}
     )
 
@@ -680,10 +609,30 @@ def test_prompt_lengths_come_from_token_ids_or_embeddings() -> None:
         ns(req_id="embeds", prompt_token_ids=None, prompt_embeds=torch.zeros(5, 8)),
         ns(req_id="neither", prompt_token_ids=None, prompt_embeds=None),
     ]
-    assert compat.new_prompt_lens(_scheduled(9, new)) == {"ids": 3, "embeds": 5, "neither": -1}
+    assert compat.new_prompt_lens(scheduled(9, new)) == {"ids": 3, "embeds": 5, "neither": -1}
 
 
 # --- The wiring into the worker, end to end with fakes -----------------------------------------
+
+
+def _patched_worker_after_a_prefill(
+    runners: list[FakeMoERunner], hook_config: HookConfig, warm_up_tokens: int = 0
+) -> Any:
+    """A fake worker class patched by the hook, started (load, warm-up), after the prefill step
+    of request ``0-1a2b3c4d`` (prompt ``[7, 8, 9]``); its batch set for the first decode step."""
+    cls = worker_class(runners, warm_up_tokens)
+    install._patch_worker(types.SimpleNamespace(Worker=cls), hook_config)
+    worker = cls()
+    worker.load_model()
+    worker.compile_or_warm_up_model()
+    runner = worker.model_runner
+    runner.input_batch.req_ids = ["0-1a2b3c4d"]
+    runner.query_start_loc.np[:2] = [0, 3]
+    new = [types.SimpleNamespace(req_id="0-1a2b3c4d", prompt_token_ids=[7, 8, 9])]
+    assert worker.execute_model(scheduled(3, new)) == "output"  # prefill
+    runner.input_batch.num_computed_tokens_cpu[0] = 3
+    runner.query_start_loc.np[:2] = [0, 1]
+    return worker
 
 
 def test_a_patched_worker_logs_real_steps_after_warm_up_only(
@@ -692,42 +641,9 @@ def test_a_patched_worker_logs_real_steps_after_warm_up_only(
     monkeypatch.delenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", raising=False)
     hook_config = HookConfig(tmp_path / "log.jsonl", parse_layers("1"), overwrite=False)
     runners = [FakeMoERunner(0), FakeMoERunner(1)]
-
-    class FakeWorker:
-        """Stands in for ``vllm.v1.worker.gpu_worker.Worker``."""
-
-        def __init__(self) -> None:
-            self.vllm_config = _vllm_config()
-            self.model_runner = _v1_runner(runners)
-            self.shut_down = False
-
-        def load_model(self) -> None:
-            pass
-
-        def compile_or_warm_up_model(self) -> None:
-            self.execute_model(_scheduled(3))  # a warm-up step with a made-up request
-
-        def execute_model(self, scheduler_output: Any) -> str:
-            n = scheduler_output.total_num_scheduled_tokens
-            for runner in runners:
-                runner.router._compute_routing(torch.zeros(n, 4))
-            return "output"
-
-        def shutdown(self) -> None:
-            self.shut_down = True
-
-    install._patch_worker(types.SimpleNamespace(Worker=FakeWorker), hook_config)
-    worker = FakeWorker()
-    worker.load_model()
-    worker.compile_or_warm_up_model()
-    runner = worker.model_runner
-    runner.input_batch.req_ids = ["0-1a2b3c4d"]
-    runner.query_start_loc.np[:2] = [0, 3]
-    new = [types.SimpleNamespace(req_id="0-1a2b3c4d", prompt_token_ids=[7, 8, 9])]
-    assert worker.execute_model(_scheduled(3, new)) == "output"  # prefill
-    runner.input_batch.num_computed_tokens_cpu[0] = 3
-    runner.query_start_loc.np[:2] = [0, 1]
-    worker.execute_model(_scheduled(1))  # first decode step
+    # a warm-up step (3 tokens of a made-up request), then the prefill
+    worker = _patched_worker_after_a_prefill(runners, hook_config, warm_up_tokens=3)
+    worker.execute_model(scheduled(1))  # first decode step
     worker.shutdown()
     assert worker.shut_down
     lines = hook_config.path.read_text().splitlines()
@@ -750,43 +666,13 @@ def test_after_logging_stops_the_closing_record_says_why_and_counts_the_steps_no
 ) -> None:
     hook_config = HookConfig(tmp_path / "log.jsonl", parse_layers("1"), overwrite=False)
     runners = [FakeMoERunner(0), FakeMoERunner(1)]
-
-    class FakeWorker:
-        def __init__(self) -> None:
-            self.vllm_config = _vllm_config()
-            self.model_runner = _v1_runner(runners)
-
-        def load_model(self) -> None:
-            pass
-
-        def compile_or_warm_up_model(self) -> None:
-            pass
-
-        def execute_model(self, scheduler_output: Any) -> str:
-            n = scheduler_output.total_num_scheduled_tokens
-            for runner in runners:
-                runner.router._compute_routing(torch.zeros(n, 4))
-            return "output"
-
-        def shutdown(self) -> None:
-            pass
-
-    install._patch_worker(types.SimpleNamespace(Worker=FakeWorker), hook_config)
-    worker = FakeWorker()
-    worker.load_model()
-    worker.compile_or_warm_up_model()
+    worker = _patched_worker_after_a_prefill(runners, hook_config)  # the prefill: logged
     runner = worker.model_runner
-    runner.input_batch.req_ids = ["0-1a2b3c4d"]
-    runner.query_start_loc.np[:2] = [0, 3]
-    new = [types.SimpleNamespace(req_id="0-1a2b3c4d", prompt_token_ids=[7, 8, 9])]
-    worker.execute_model(_scheduled(3, new))  # prefill: logged
-    runner.input_batch.num_computed_tokens_cpu[0] = 3
-    runner.query_start_loc.np[:2] = [0, 1]
     good_ids = runner.input_batch.req_ids
     runner.input_batch.req_ids = None  # the batch cannot be read: logging stops here
-    worker.execute_model(_scheduled(1))
+    worker.execute_model(scheduled(1))
     runner.input_batch.req_ids = good_ids
-    worker.execute_model(_scheduled(1))  # after the stop: counted, not logged
+    worker.execute_model(scheduled(1))  # after the stop: counted, not logged
     worker.shutdown()
     lines = hook_config.path.read_text().splitlines()
     end = EndRecord.model_validate_json(lines[-1])
@@ -833,7 +719,7 @@ def test_the_writer_emits_every_logged_layer_of_a_token_together(tmp_path: Path)
 def test_all_logs_every_moe_layer_and_skips_dense_ones(fake_vllm: None, tmp_path: Path) -> None:
     """Layer 0 and 3 are dense (no MoE runner), as DeepSeek's first layers are."""
     runners = [FakeMoERunner(i, router=FakeRouter(shift=i)) for i in (1, 2, 4)]
-    collector = _start(_worker(runners), tmp_path, layer="all")
+    collector = _start(loaded_worker(runners), tmp_path, layer="all")
     assert collector is not None
     assert collector.capture.rows.shape == (64, 3, 4)  # token-major: every layer of a token
     for runner in runners:
@@ -849,7 +735,7 @@ def test_all_logs_every_moe_layer_and_skips_dense_ones(fake_vllm: None, tmp_path
 def test_naming_dense_layers_is_refused_with_the_moe_layers(
     fake_vllm: None, tmp_path: Path
 ) -> None:
-    worker = _worker([FakeMoERunner(i) for i in (1, 2, 4)])
+    worker = loaded_worker([FakeMoERunner(i) for i in (1, 2, 4)])
     with pytest.raises(
         HookRefusal,
         match=r"^moeprof: VLLM_MOE_LAYER=0, 3 are not MoE layers of fake/moe; "
@@ -861,7 +747,7 @@ def test_naming_dense_layers_is_refused_with_the_moe_layers(
 def test_layers_with_different_top_k_are_refused(fake_vllm: None, tmp_path: Path) -> None:
     wide = FakeRouter()
     wide.top_k = 4
-    worker = _worker([FakeMoERunner(1), FakeMoERunner(2, router=wide)])
+    worker = loaded_worker([FakeMoERunner(1), FakeMoERunner(2, router=wide)])
     with pytest.raises(HookRefusal, match="different numbers of experts"):
         _start(worker, tmp_path, layer="all")
 
@@ -869,7 +755,7 @@ def test_layers_with_different_top_k_are_refused(fake_vllm: None, tmp_path: Path
 def test_pipeline_stages_log_only_selections_they_hold_whole(
     fake_vllm: None, tmp_path: Path
 ) -> None:
-    worker = _worker([FakeMoERunner(0), FakeMoERunner(1)], pipeline_parallel_size=2)
+    worker = loaded_worker([FakeMoERunner(0), FakeMoERunner(1)], pipeline_parallel_size=2)
     assert _start(worker, tmp_path, layer="2-3") is None  # the other stage's layers
     with pytest.raises(HookRefusal, match="this pipeline stage holds only layers 1 of them"):
         _start(worker, tmp_path, layer="1-2")
@@ -894,7 +780,7 @@ def test_a_patched_worker_numbers_its_steps_for_every_layer(
     fake_vllm: None, tmp_path: Path
 ) -> None:
     runners = [FakeMoERunner(i, router=FakeRouter(shift=3 * i)) for i in range(3)]
-    worker = _worker(runners)
+    worker = loaded_worker(runners)
     collector = _start(worker, tmp_path, layer="0,2")
     assert collector is not None
     collector.armed = True
@@ -906,7 +792,7 @@ def test_a_patched_worker_numbers_its_steps_for_every_layer(
         runner.query_start_loc.np[:2] = [0, count]
         for r in runners:
             r.router._compute_routing(torch.zeros(count, 4))
-        collector.after_step(_scheduled(count, new if step == 0 else ()))
+        collector.after_step(scheduled(count, new if step == 0 else ()))
     collector.close()
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     meta = parse_meta(lines[0])
@@ -934,13 +820,21 @@ def _wait_until(cond: Any, timeout: float = 5.0) -> bool:
     return bool(cond())
 
 
-def test_removing_the_logs_directory_stops_logging_with_one_error(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def writer_errors(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], list[str]]:
+    """The hook writer's logger into ``caplog`` alone; call it for the ERROR messages so far."""
     import moeprof.hook.writer as writer_module
 
     monkeypatch.setattr(writer_module.logger, "handlers", [caplog.handler])
     monkeypatch.setattr(writer_module.logger, "propagate", False)
+    return lambda: [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_removing_the_logs_directory_stops_logging_with_one_error(
+    tmp_path: Path, writer_errors: Callable[[], list[str]]
+) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
     log = logs / "log.jsonl"
@@ -958,21 +852,17 @@ def test_removing_the_logs_directory_stops_logging_with_one_error(
         assert w.ring.backlog == 0
     w.close()
     assert w.routes_written == 2
-    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    errors = writer_errors()
     assert len(errors) == 1
-    message = errors[0].getMessage()
+    message = errors[0]
     assert f"the log file {log} was removed" in message
     assert "stopped after 2 routes" in message and "the engine goes on" in message
     assert not logs.exists()
 
 
 def test_a_log_removed_after_its_last_flush_is_reported_at_close(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, writer_errors: Callable[[], list[str]]
 ) -> None:
-    import moeprof.hook.writer as writer_module
-
-    monkeypatch.setattr(writer_module.logger, "handlers", [caplog.handler])
-    monkeypatch.setattr(writer_module.logger, "propagate", False)
     log = tmp_path / "log.jsonl"
     w = _writer(log)
     w.submit(_item(w, _batch(["a"], [1], [0])))
@@ -982,7 +872,7 @@ def test_a_log_removed_after_its_last_flush_is_reported_at_close(
     w.close()
     w.close()
     assert w.failed
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    errors = writer_errors()
     assert len(errors) == 1 and f"the log file {log} was removed" in errors[0]
 
 

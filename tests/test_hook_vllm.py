@@ -21,44 +21,16 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
+from tiny_engine import MAX_TOKENS, PROMPTS, run_tiny
+
 from moeprof import generate
 from moeprof.tiny import CONFIG, tiny_model_path
 
 pytestmark = pytest.mark.vllm
 
-PROMPTS = [
-    "Janet's ducks lay 16 eggs per day. How many dollars does she make?",
-    "A robe takes 2 bolts of blue fiber and half that much white fiber.",
-    "Hi",
-    "Every morning Tom reads 20 pages of his 340 page book. How many days does he need?",
-]
-MAX_TOKENS = 12
 LAYERS = list(range(CONFIG["num_hidden_layers"]))
 """The tiny model's MoE layers: all of them."""
 TOP_K = CONFIG["num_experts_per_tok"]
-
-
-def _settings(**overrides: Any) -> generate.Settings:
-    base = dict(
-        model=str(tiny_model_path()),
-        model_label="tiny",
-        prompts=PROMPTS,
-        max_tokens=MAX_TOKENS,
-        max_model_len=256,
-        dtype="float32",
-    )
-    return generate.Settings(**(base | overrides))
-
-
-def _run(name: str, tmp: Path, log: Path | None, layer: int | str = "all", **kw: Any) -> dict:
-    return generate.run_engine(
-        name,
-        _settings(**kw),
-        log=log,
-        layer=layer,
-        vllm_log=tmp / f"{name}.txt",
-        on_event=lambda *_: None,
-    )
 
 
 def _read_log(path: Path) -> tuple[dict, list[dict], dict | None]:
@@ -72,8 +44,8 @@ def _read_log(path: Path) -> tuple[dict, list[dict], dict | None]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("hook")
     log = tmp / "routes.jsonl"
-    baseline = _run("baseline", tmp, None)
-    logged = _run("logged", tmp, log)
+    baseline = run_tiny("baseline", tmp, None)
+    logged = run_tiny("logged", tmp, log)
     meta, routes, end = _read_log(log)
     return {
         "end": end,
@@ -239,7 +211,7 @@ def test_eager_mode_logs_a_list_of_layers_with_their_own_routes(
     runs: dict, hf_router_probs: list
 ) -> None:
     log = runs["tmp"] / "eager-layers.jsonl"
-    result = _run("eager", runs["tmp"], log, layer="0,2", enforce_eager=True)
+    result = run_tiny("eager", runs["tmp"], log, layer="0,2", enforce_eager=True)
     meta, routes, _ = _read_log(log)
     assert meta["layers_logged"] == [0, 2]
     assert {r["layer"] for r in routes} == {0, 2}
@@ -325,7 +297,7 @@ def test_preempted_requests_are_logged_once_per_token(tmp_path: Path) -> None:
     so vLLM preempts some and recomputes their tokens later; each is still logged once. One
     layer, as the hook logged before layer selections existed."""
     log = tmp_path / "preempt.jsonl"
-    result = _run(
+    result = run_tiny(
         "preempt",
         tmp_path,
         log,

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from fakes import FakeRouter
 
 from moeprof.errors import HookRefusal
 from moeprof.hook import compat
@@ -184,21 +185,6 @@ def test_the_span_is_asked_at_run_time_not_traced_into_a_compiled_graph() -> Non
 # --- The collector: each DP rank's log holds its own tokens -----------------------------------
 
 
-class _Router:
-    """Stands in for vLLM's router; returns what the test sets in ``output``."""
-
-    top_k = TOP_K
-    global_num_experts = 200
-
-    def __init__(self) -> None:
-        self.output: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _compute_routing(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.output is not None
-        ids, weights = self.output
-        return weights, ids
-
-
 def _facts(dp_rank: int, dp_size: int) -> compat.EngineFacts:
     return compat.EngineFacts(
         model_id="fake/moe",
@@ -229,7 +215,7 @@ def _log_dp_rank(
         compat, "rank_rows_reader", lambda r: lambda n: compat.rank_rows(n, r, meta)
     )
     monkeypatch.setattr(compat, "vllm_version", lambda: "0.0.fake")
-    router = _Router()
+    router = FakeRouter()  # returns what the test sets in ``output``
     n = int(meta.num_tokens_across_dp_cpu[dp_rank]) if meta is not None else router_rows
     batch = StepBatch(["r"], [0, n], [0], n)
     step = compat.ScheduledStep(frozenset(), batch, {"r": n})
@@ -239,7 +225,7 @@ def _log_dp_rank(
     collector.armed = True
     tap_target = routers[0].router
     router.output = _routes(router_rows)
-    tap_target._compute_routing()
+    tap_target._compute_routing(torch.zeros(router_rows, 4))
     collector.after_step(object())
     collector.close()
     path = tmp_path / f"log.dp{dp_rank}.jsonl"

@@ -46,20 +46,15 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
+from tiny_engine import PROMPTS, run_tiny
+
 from moeprof import generate
-from moeprof.tiny import CONFIG, tiny_model_path
+from moeprof.tiny import CONFIG
 
 pytestmark = pytest.mark.vllm
 
-PROMPTS = [
-    "Janet's ducks lay 16 eggs per day. How many dollars does she make?",
-    "A robe takes 2 bolts of blue fiber and half that much white fiber.",
-    "Hi",
-    "Every morning Tom reads 20 pages of his 340 page book. How many days does he need?",
-]
 DP_PROMPTS = [[0, 1], [2, 3]]
 """The prompts of each DP rank: rank 1 gets fewer tokens, so the ranks' batches differ."""
-MAX_TOKENS = 12
 LAYERS = list(range(CONFIG["num_hidden_layers"]))
 SECOND_STAGE = LAYERS[len(LAYERS) // 2 :]
 """The layers PP=2 puts on its second stage."""
@@ -74,18 +69,6 @@ TRACED_EAGER = {"compilation_config": {"mode": 2, "backend": "eager"}}
 """``CompilationMode.DYNAMO_TRACE_ONCE`` with the eager backend."""
 
 
-def _settings(prompts: list[str], **overrides: Any) -> generate.Settings:
-    base: dict[str, Any] = dict(
-        model=str(tiny_model_path()),
-        model_label="tiny",
-        prompts=prompts,
-        max_tokens=MAX_TOKENS,
-        max_model_len=256,
-        dtype="float32",
-    )
-    return generate.Settings(**(base | overrides))
-
-
 def _run(
     name: str,
     tmp: Path,
@@ -96,14 +79,15 @@ def _run(
     extra_env: dict[str, str] | None = None,
     eager: bool = False,
 ) -> dict[str, Any]:
-    settings = _settings(
-        prompts,
+    return run_tiny(
+        name,
+        tmp,
+        log,
+        layer,
+        prompts=prompts,
         enforce_eager=eager,
         engine_args=({} if eager else TRACED_EAGER) | (engine_args or {}),
         extra_env=extra_env or {},
-    )
-    return generate.run_engine(
-        name, settings, log=log, layer=layer, vllm_log=tmp / f"{name}.txt", on_event=lambda *_: None
     )
 
 

@@ -40,7 +40,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from moeprof.analysis.accumulate import LayerPhaseAccumulators
+from moeprof.analysis.accumulate import LayerPhaseAccumulators, RoutingAccumulator
 from moeprof.analysis.coselection import coselection_lift
 from moeprof.analysis.summary import summarize
 from moeprof.api import Progress, RouteSource, open_source
@@ -283,16 +283,13 @@ def _num(x: float) -> str:
 def _write_expert_load(
     path: Path, per_layer: dict[int, dict[int, Any]], experts: int, force: bool
 ) -> None:
-    from moeprof.analysis.accumulate import RoutingAccumulator
     from moeprof.analysis.load_balance import distribution
 
     with replacing(path, force=force) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["layer", "phase", "expert", "count", "share"])
         for layer, parts in per_layer.items():
-            total = RoutingAccumulator(experts)
-            for acc in parts.values():
-                total.merge(acc)
+            total = _all_phases(parts, experts)
             streams = [("all", total)]
             if any(p != NO_PHASE for p in parts):
                 streams += [(PHASE_NAMES[p], parts[p]) for p in sorted(parts)]
@@ -305,15 +302,11 @@ def _write_expert_load(
 
 
 def _write_coselection(path: Path, per_layer: dict[int, dict[int, Any]], force: bool) -> None:
-    from moeprof.analysis.accumulate import RoutingAccumulator
-
     with replacing(path, force=force) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["layer", "expert_a", "expert_b", "count", "share", "lift"])
         for layer, parts in per_layer.items():
-            total = RoutingAccumulator(None)
-            for acc in parts.values():
-                total.merge(acc)
+            total = _all_phases(parts, None)
             pairs = total.coselection()
             if pairs is None or not total.tokens:
                 continue
@@ -332,6 +325,14 @@ def _write_coselection(path: Path, per_layer: dict[int, dict[int, Any]], force: 
             )
 
 
+def _all_phases(parts: dict[int, RoutingAccumulator], experts: int | None) -> RoutingAccumulator:
+    """One layer's routing over all its phases: the sum of its accumulators by phase code."""
+    total = RoutingAccumulator(experts)
+    for acc in parts.values():
+        total.merge(acc)
+    return total
+
+
 def _summary(
     source: RouteSource,
     routes: int,
@@ -339,15 +340,11 @@ def _summary(
     per_layer: dict[int, dict[int, Any]],
     steps: StepLoads,
 ) -> dict[str, Any]:
-    from moeprof.analysis.accumulate import RoutingAccumulator
     from moeprof.analysis.analyze import _jsonable
 
     layers = []
     for layer, parts in per_layer.items():
-        total = RoutingAccumulator(experts)
-        for acc in parts.values():
-            total.merge(acc)
-        stats = _jsonable(summarize(total, top=5))
+        stats = _jsonable(summarize(_all_phases(parts, experts), top=5))
         layers.append({"layer": layer, **stats})
     return {
         "log": str(source.path),

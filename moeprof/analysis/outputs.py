@@ -1,10 +1,12 @@
-"""``generate``'s outputs.jsonl read one record at a time, and its token ids kept compactly.
+"""``generate``'s outputs.jsonl: the one reader of the file and the rules it must meet.
 
-:func:`iter_outputs` validates each record as :func:`moeprof.analysis.validate.load_outputs`
-does (same checks, same one-line errors) but holds one record at a time, so reading a file of
-25,000 requests costs a record's worth of Python objects, not 25,000 pydantic models.
+:func:`iter_outputs` reads and checks the file one record at a time: each line an
+:class:`~moeprof.schema.OutputRecord`, each req_id once, every token id within int64, at least
+one record; anything else is a :class:`LogError` naming the file and line. Reading a file of
+25,000 requests costs a record's worth of Python objects at a time.
 
-:func:`read_token_ids` keeps only what the token analysis joins routes with
+:func:`load_outputs` keeps every record by req_id (what ``validate --outputs`` accounts a log
+against). :func:`read_token_ids` keeps only what the token analysis joins routes with
 (:class:`TokenIds`): each request's input token ids (``prompt_token_ids + output_token_ids``)
 as their rank among the file's distinct ids, one int32 array for the whole file, with an
 offset and a length per request. Memory: 4 bytes per token id, 16 bytes and a dict entry per
@@ -29,11 +31,14 @@ LUT_MAX_ID = 1 << 24
 negative ones through a sort."""
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def iter_outputs(path: str | Path) -> Iterator[tuple[int, schema.OutputRecord]]:
     """(line number, record) of each record of an outputs file, in file order. Raises
-    :class:`LogError` naming the file and line for what
-    :func:`~moeprof.analysis.validate.load_outputs` refuses: a missing or unreadable file, a
-    record that does not validate, a req_id seen twice, a file without records."""
+    :class:`LogError` for a missing or unreadable file (``file: reason``), a record that does
+    not validate, a req_id seen twice or a token id beyond int64 (``file:line: reason``), and a
+    file without records. A bad outputs file is a usage error, not a verdict on a log."""
     path = Path(path)
     seen: set[str] = set()
     number = 0
@@ -46,7 +51,7 @@ def iter_outputs(path: str | Path) -> Iterator[tuple[int, schema.OutputRecord]]:
     with f:
         try:
             for block in f:
-                # bytes.splitlines, as load_outputs splits: "\r" ends a line too
+                # bytes.splitlines: "\r" ends a line too, as in the whole file's splitlines()
                 for raw in block.splitlines():
                     number += 1
                     if not raw.strip():
@@ -57,12 +62,29 @@ def iter_outputs(path: str | Path) -> Iterator[tuple[int, schema.OutputRecord]]:
                         raise LogError(f"{path}:{number}: {schema.explain(e)}") from e
                     if rec.req_id in seen:
                         raise LogError(f"{path}:{number}: req_id {rec.req_id!r} appears twice")
+                    if _beyond_int64(rec.prompt_token_ids) or _beyond_int64(rec.output_token_ids):
+                        # no tokenizer has such an id, and the token analysis keeps ids as int64
+                        raise LogError(
+                            f"{path}:{number}: req_id {rec.req_id!r} has a token id beyond int64"
+                        )
                     seen.add(rec.req_id)
                     yield number, rec
         except OSError as e:
             raise LogError(f"{path}: cannot read: {e.strerror or e}") from e
     if not seen:
         raise LogError(f"{path}: no output records")
+
+
+def _beyond_int64(ids: list[int] | None) -> bool:
+    if not ids:
+        return False
+    return min(ids) < INT64_MIN or max(ids) > INT64_MAX
+
+
+def load_outputs(path: str | Path) -> dict[str, schema.OutputRecord]:
+    """Every record of an outputs file by req_id, in file order (:func:`iter_outputs`; its
+    errors)."""
+    return {rec.req_id: rec for _, rec in iter_outputs(path)}
 
 
 @dataclass
@@ -103,11 +125,8 @@ def read_token_ids(path: str | Path) -> TokenIds:
             length.append(0)
             continue
         offset.append(len(ids))
-        try:
-            ids.extend(rec.prompt_token_ids)
-            ids.extend(rec.output_token_ids or [])
-        except OverflowError as e:  # an id beyond int64: no tokenizer has one
-            raise LogError(f"{path}: req_id {rec.req_id!r} has a token id beyond int64") from e
+        ids.extend(rec.prompt_token_ids)  # within int64: iter_outputs refuses any other
+        ids.extend(rec.output_token_ids or [])
         length.append(len(ids) - offset[-1])
     flat = np.frombuffer(ids, np.int64) if len(ids) else np.zeros(0, np.int64)
     vocab, ranks = rank_ids(flat)

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from moeprof import schema
+from moeprof.analysis.outputs import load_outputs
 from moeprof.analysis.positions import PositionSet
 from moeprof.analysis.reader import Issue, LogBase, LogError
 from moeprof.analysis.sources import open_logs
@@ -386,32 +386,6 @@ def _summary(counts: np.ndarray) -> CountSummary | None:
         mean=float(per.mean()),
         max=int(per.max()),
     )
-
-
-def load_outputs(path: str | Path) -> dict[str, schema.OutputRecord]:
-    """Read a generate run's outputs JSONL. A bad outputs file is a usage error, not a verdict
-    on the log, so it raises :class:`LogError` naming the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError as e:
-        raise LogError(f"{path}: no such file") from e
-    except OSError as e:
-        raise LogError(f"{path}: cannot read: {e.strerror or e}") from e
-    records: dict[str, schema.OutputRecord] = {}
-    for i, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = schema.OutputRecord.model_validate_json(raw)
-        except ValidationError as e:
-            raise LogError(f"{path}:{i}: {schema.explain(e)}") from e
-        if rec.req_id in records:
-            raise LogError(f"{path}:{i}: req_id {rec.req_id!r} appears twice")
-        records[rec.req_id] = rec
-    if not records:
-        raise LogError(f"{path}: no output records")
-    return records
 
 
 def _check_outputs(

@@ -111,15 +111,29 @@ def _print_contamination(log: LogAnalysis, console: Console) -> None:
         console.print("  no sign of dummy batches or double logging", highlight=False)
 
 
-def _print_log_notes(log: LogAnalysis, exclude_suspect: bool, console: Console) -> None:
+def _print_log_header(
+    log: LogAnalysis, exclude_suspect: bool, console: Console, *, layers: bool = False
+) -> None:
+    """The log's line (name, model, routes, E, top-k; with ``layers``, the layers it logs), then
+    its contamination verdict."""
+    logged = [la.layer for la in log.layers]
     console.print(
         f"[bold]{Path(log.path).name}[/]: {log.model_id}, {log.records:,} routes, "
         f"E={log.num_experts} ({log.num_experts_source}), top-{log.top_k}"
+        + (
+            f", {len(logged)} layer{'s' if len(logged) != 1 else ''} ({format_layers(logged)})"
+            if layers
+            else ""
+        )
         + (f", {log.excluded:,} suspect records excluded" if exclude_suspect else ""),
         highlight=False,
         soft_wrap=True,
     )
     _print_contamination(log, console)
+
+
+def _print_log_notes(log: LogAnalysis, exclude_suspect: bool, console: Console) -> None:
+    _print_log_header(log, exclude_suspect, console)
     for la in log.layers:
         if la.phase_jsd is not None:
             console.print(
@@ -224,16 +238,7 @@ def _most_skewed(log: LogAnalysis) -> list[LayerAnalysis]:
 
 def _print_log_summary(log: LogAnalysis, exclude_suspect: bool, console: Console) -> None:
     """The log's header and contamination verdict; for several layers, the extremes."""
-    layers = [la.layer for la in log.layers]
-    console.print(
-        f"[bold]{Path(log.path).name}[/]: {log.model_id}, {log.records:,} routes, "
-        f"E={log.num_experts} ({log.num_experts_source}), top-{log.top_k}, "
-        f"{len(layers)} layer{'s' if len(layers) != 1 else ''} ({format_layers(layers)})"
-        + (f", {log.excluded:,} suspect records excluded" if exclude_suspect else ""),
-        highlight=False,
-        soft_wrap=True,
-    )
-    _print_contamination(log, console)
+    _print_log_header(log, exclude_suspect, console, layers=True)
     ranked = _most_skewed(log)
     if len(ranked) < 2:
         return
