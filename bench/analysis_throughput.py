@@ -13,13 +13,30 @@ hook writes them since issue #11; ``synthetic_*`` files are older logs without i
 ``--format parquet`` times the same routes as a Parquet log (``synthetic_*.parquet/``, a
 directory of parts converted from the cached JSONL log with the hook's Parquet sink settings:
 ``columns.WRITE_OPTIONS``, row groups of 2**17 routes, parts of 2**20). ``--tasks`` also
-takes ``read`` (the reader alone: every chunk, nothing done with it) and ``load`` (the
-reader and analyze's load statistics, the per-layer and phase accumulators, without the
-contamination check). The machine these run on is shared: ``--repeat 3`` runs each
-task three times and keeps the fastest.
+takes, from the narrowest to the widest:
+
+- ``read``: the reader alone, every column of every chunk (``LogBase.chunks``), nothing done.
+- ``read-load``: only the columns load statistics need (``LogBase.load_chunks(weights=False)``:
+  layer, phase, expert ids; a Parquet log reads only those columns, JSON Lines reads all).
+- ``load-stats``: analyze's *load statistics*, the issue #14 target: the per-layer, per-phase
+  expert activation counts that analyze's load-balance output is computed from (counts ->
+  CV, max/mean, entropy, Gini, never-used, top experts), by
+  ``moeprof.analysis.accumulate.load_statistics`` (``read-load`` plus one ``np.bincount``
+  per chunk). Checks only the columns it reads (layer in ``layers_logged``, ids distinct and in
+  range, known phase, no nulls); the rules on ``req_id``, ``token_idx``, ``step`` are
+  ``validate``'s and ``analyze``'s.
+- ``load``: the full per-(layer, phase) sums analyze keeps (``LayerPhaseAccumulators``: counts,
+  weight sums, co-selection pairs, rank weight sums) from every column, with every check, but
+  without the contamination check.
+- ``analyze``: everything ``moeprof analyze`` computes by default (the above, the contamination
+  check, the report), as the command runs it.
+
+The machine these run on may be shared: ``--repeat 3`` runs each task three times and keeps
+the run with the most routes per CPU second of the worker (``records_per_cpu_s``, the number
+to compare there).
 
     .venv/bin/python bench/analysis_throughput.py --format parquet --routes 10000000 \
-        --tasks read,load,validate,analyze --repeat 3
+        --tasks read,read-load,load-stats,load,validate,analyze --repeat 3
 
 ``--layers N`` (N > 1) writes a log of N layers instead (``synthetic_{N}layers_v1_*``, with an
 outputs file beside it, ``*.outputs.jsonl``): each token's N routes on consecutive lines as the
@@ -61,7 +78,7 @@ of a request share experts beyond the load skew (reuse)."""
 CROSS_BONUS = 3.0
 """Score added at layer l + 1 to the expert a fixed permutation maps the token's top-1 expert at
 layer l to: cross-layer dependence."""
-TASKS = ("read", "load", "validate", "analyze", "analyze-full")
+TASKS = ("read", "read-load", "load-stats", "load", "validate", "analyze", "analyze-full")
 FORMATS = ("jsonl", "parquet")
 PARQUET_ROW_GROUP = 1 << 17
 PARQUET_PART = 1 << 20
@@ -388,6 +405,8 @@ def _worker(task: str, path: Path, outputs: Path | None = None) -> None:
     skipped: dict[str, str] = {}
     if task in ("read", "load"):
         records = _read_task(path, load=task == "load")
+    elif task in ("read-load", "load-stats"):
+        records = _load_stats_task(path, count=task == "load-stats")
     elif task == "validate":
         report = validate_log(path)
         records = report.routes
@@ -437,6 +456,18 @@ def _read_task(path: Path, *, load: bool) -> int:
         if sums is not None:
             sums.add(log.layer_slot(chunk.layer), chunk.phase, chunk.ids, chunk.weights)
     return records
+
+
+def _load_stats_task(path: Path, *, count: bool) -> int:
+    """``read-load``: the columns load statistics need, nothing done with them; ``load-stats``:
+    the load statistics themselves. Returns the routes."""
+    from moeprof.analysis.accumulate import load_statistics
+    from moeprof.analysis.reader import open_log
+
+    log = open_log(path)
+    if count:
+        return int(load_statistics(log).tokens.sum())
+    return sum(len(chunk) for chunk in log.load_chunks(weights=False))
 
 
 def _read_through(path: Path) -> None:
@@ -550,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                 )
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            row = max(runs, key=lambda r: r["records_per_s"])
+            row = max(runs, key=lambda r: r["records_per_cpu_s"])  # the least disturbed run
             row["runs"] = len(runs)
             row["routes"] = n
             row["layers"] = args.layers

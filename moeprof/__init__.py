@@ -7,6 +7,7 @@ The Python API (:mod:`moeprof.api`)::
     routes = moeprof.load("routes.jsonl")    # a pyarrow Table (as_="pandas": a DataFrame)
     moeprof.meta(routes)                      # the meta record; moeprof.end(routes): closing one
     report = moeprof.analyze("routes.jsonl") # the dataclasses `moeprof analyze` prints
+    counts = moeprof.expert_counts("routes.parquet")  # per-layer expert counts, the fast path
     moeprof.validate("routes.jsonl").valid
 
 Export (``moeprof export``) is :func:`moeprof.export.export` and
@@ -23,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from moeprof.api import analyze, end, load, meta, open_source, sources, validate
+    from moeprof.api import (
+        analyze,
+        end,
+        expert_counts,
+        load,
+        meta,
+        open_source,
+        sources,
+        validate,
+    )
 
 _API = {
     "load": "moeprof.api",
@@ -31,6 +41,7 @@ _API = {
     "end": "moeprof.api",
     "sources": "moeprof.api",
     "analyze": "moeprof.api",
+    "expert_counts": "moeprof.api",
     "validate": "moeprof.api",
     "open_source": "moeprof.api",
 }
@@ -42,6 +53,7 @@ __all__ = [  # noqa: RUF022 - the API's order, not alphabetical
     "end",
     "sources",
     "analyze",
+    "expert_counts",
     "validate",
     "open_source",
 ]

@@ -9,6 +9,7 @@
     moeprof.end(routes)                          # the closing record, None if not closed cleanly
     df = moeprof.load("routes.parquet", as_="pandas")
     report = moeprof.analyze("routes.jsonl")     # AnalysisReport, as `moeprof analyze --json`
+    counts = moeprof.expert_counts("routes.parquet")  # ExpertCounts: (layers, E) int64 arrays
 
 A log is read here through a :class:`RouteSource`: the meta and closing records as the JSON
 objects the hook wrote, and the routes as record batches of :func:`moeprof.columns.route_schema`,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from moeprof.analysis.analyze import AnalysisReport
+    from moeprof.analysis.counts import ExpertCounts
     from moeprof.analysis.validate import ValidationReport
 
 PathArg = str | os.PathLike[str]
@@ -460,6 +462,28 @@ def analyze(
             top=top,
         ),
     )
+
+
+def expert_counts(paths: Paths, *, num_experts: int | None = None) -> ExpertCounts:
+    """Expert activation counts per logged layer and phase
+    (:class:`~moeprof.analysis.counts.ExpertCounts`): ``.counts`` (layers x experts, int64),
+    ``.by_phase["prefill"|"decode"|"unknown"]``, ``.routes`` per layer, ``.balance()`` (CV,
+    max/mean, Gini, entropy ratio per layer) and ``.to_table()`` (a tidy pyarrow Table:
+    layer, phase, expert, count). What ``moeprof counts`` prints.
+
+    ``paths``: one log (JSONL, a Parquet file or directory), a glob, or the files of one run's
+    data-parallel ranks (counted as one log); several unrelated logs are a
+    :class:`~moeprof.errors.UserError`. The fast path: a Parquet log is read three columns at
+    a time (layer, phase, topk_ids; ``bench/analysis_throughput.py``'s ``load-stats``), and
+    only what those columns carry is checked; :func:`validate` checks the rest.
+    ``num_experts``: the expert axis's length when the meta does not declare it (default: max
+    id + 1). A bad route raises
+    :class:`~moeprof.analysis.reader.LogError` (``file:line: reason``).
+    """
+    from moeprof.analysis.counts import count_experts
+    from moeprof.analysis.sources import open_one
+
+    return count_experts(open_one(expand(paths)), num_experts=num_experts)
 
 
 def validate(

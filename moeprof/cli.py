@@ -452,6 +452,46 @@ def _rank_counts(text: str | None) -> tuple[int, ...] | None:
 
 
 @app.command()
+def counts(
+    logs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="One log: a JSONL file, a Parquet log (a routes.parquet directory or a "
+            "*.parquet file) or a glob; a run's data-parallel rank files count as one log.",
+            show_default=False,
+        ),
+    ],
+    num_experts: NumExperts(
+        "Experts in the layer when the meta does not say (default: max id + 1)."
+    ) = None,
+    as_json: AsJson(
+        "Print the counts as JSON: per layer the numbers of the table, then the counts per "
+        "expert, in all and per phase."
+    ) = False,
+) -> None:
+    """Expert load per layer, the fast path: routes, CV, max/mean, Gini, entropy, unused.
+
+    The load-balance numbers analyze prints per layer, from expert counts alone.
+    A Parquet log is read three columns at a time (layer, phase, topk_ids).
+    Checked: expert ids (in range, distinct), logged layers, phases.
+    Not checked: the rules on req_id, token_idx and step; use validate for those.
+    Exit 2 when the log cannot be read (one line: file:line: reason).
+    """
+    from moeprof import api
+    from moeprof.render.counts import print_counts
+
+    try:
+        result = api.expert_counts(list(logs), num_experts=num_experts)
+    except UserError as e:
+        fail(_escape(str(e)), 2)
+    _print_warnings(list(result.warnings))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_counts(result, console)
+
+
+@app.command()
 def plot(
     logs: Annotated[
         list[Path],

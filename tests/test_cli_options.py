@@ -29,9 +29,9 @@ def _options(name: str) -> list[TyperOption]:
     ("name", "commands"),
     [
         ("force", 6),
-        ("num_experts", 3),
+        ("num_experts", 4),
         ("exclude_suspect", 2),
-        ("as_json", 3),
+        ("as_json", 4),
         ("ep_ranks", 2),
         ("redundant_experts", 2),
     ],

@@ -34,7 +34,7 @@ may be plain strings, ints of any width, ids and weights variable-length lists (
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ from moeprof.analysis.reader import (
     DecodedSink,
     Issue,
     IssueSink,
+    LoadChunk,
     LogBase,
     LogError,
     RouteChunk,
@@ -60,8 +61,13 @@ from moeprof.schema import NO_PHASE, NO_STEP, PHASES
 
 BATCH_ROWS = 1 << 16
 """Rows per record batch: a chunk of ~3 MB of columns at top-4."""
+LOAD_BATCH_ROWS = 1 << 17
+"""Rows per record batch of :meth:`ParquetLog.load_chunks` (fewer columns, so more rows in
+about the same memory; the hook's row groups hold this many)."""
 REQUIRED = ("req_id", "token_idx", "layer", "topk_ids", "topk_weights")
 OPTIONAL = ("phase", "step")
+LOAD_COLUMNS = ("layer", "phase", "topk_ids")
+"""What :meth:`ParquetLog.load_chunks` reads (and ``topk_weights`` when asked for weights)."""
 _BAD = -2
 """A request or phase dictionary entry no route may hold (an empty id, an unknown phase)."""
 _NEW = -1
@@ -140,6 +146,27 @@ class ParquetLog(LogBase):
         """Yield the valid routes batch by batch; report every bad row to ``on_issue``
         (without it, the first error raises :class:`LogError`). Without a meta nothing is
         read. ``on_decoded`` hears ``("parquet", first row, rows)`` per batch."""
+        return self._read(on_issue, on_decoded, None)
+
+    def load_chunks(
+        self, on_issue: IssueSink | None = None, *, weights: bool = True
+    ) -> Iterator[LoadChunk]:
+        """Only the columns :data:`LOAD_COLUMNS` (and ``topk_weights`` with ``weights``),
+        decoded and checked: the layer among ``layers_logged``, ids distinct and in range,
+        weights finite, a known phase, no nulls. A row that fails is reported as :meth:`chunks`
+        reports it (its reason from the whole row, read again from its row group); rules on
+        the columns not read are not checked here (``validate`` does)."""
+        names = (*LOAD_COLUMNS, "topk_weights") if weights else LOAD_COLUMNS
+        return self._read(on_issue, None, names)
+
+    def _read(
+        self,
+        on_issue: IssueSink | None,
+        on_decoded: DecodedSink | None,
+        project: tuple[str, ...] | None,
+    ) -> Iterator:
+        """The pass behind :meth:`chunks` (``project`` None: every column, RouteChunks) and
+        :meth:`load_chunks` (``project``: those columns, LoadChunks)."""
         sink = on_issue or self._raise_errors
         self.end = None
         self.lines_read = 0
@@ -157,7 +184,7 @@ class ParquetLog(LogBase):
             if pf is not None:
                 with pf:
                     self._closing_record(pf, part, i == last, sink)
-                    yield from self._part_chunks(pf, part, row, sink, on_decoded)
+                    yield from self._part_chunks(pf, part, row, sink, on_decoded, project)
             row += rows  # a part that cannot be read still takes its rows' numbers
             self.lines_read = row - 1
 
@@ -168,9 +195,13 @@ class ParquetLog(LogBase):
         row: int,
         sink: IssueSink,
         on_decoded: DecodedSink | None,
-    ) -> Iterator[RouteChunk]:
-        names = [c for c in (*REQUIRED, *OPTIONAL) if c in pf.schema_arrow.names]
-        batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=names, use_threads=False)
+        project: tuple[str, ...] | None,
+    ) -> Iterator[RouteChunk | LoadChunk]:
+        wanted = (*REQUIRED, *OPTIONAL) if project is None else project
+        names = [c for c in wanted if c in pf.schema_arrow.names]
+        size = BATCH_ROWS if project is None else LOAD_BATCH_ROWS
+        batches = pf.iter_batches(batch_size=size, columns=names, use_threads=False)
+        rows = _RowGroups(pf)
         while True:
             try:
                 batch = next(batches, None)
@@ -182,7 +213,10 @@ class ParquetLog(LogBase):
             n = batch.num_rows
             if on_decoded is not None and n:
                 on_decoded("parquet", row, n)
-            chunk = self._batch(batch, row, part, sink)
+            if project is None:
+                chunk: RouteChunk | LoadChunk | None = self._batch(batch, row, part, sink)
+            else:
+                chunk = self._load_batch(batch, row, part, sink, rows)
             row += n
             self.lines_read = row - 1
             if chunk is not None and len(chunk):
@@ -253,24 +287,11 @@ class ParquetLog(LogBase):
         token_idx = _ints(col["token_idx"], bad)
         if token_idx.min() < 0:
             bad |= token_idx < 0
-        layer = _ints(col["layer"], bad)
-        one = self._one_layer
-        if one is None:
-            bad |= ~np.isin(layer, self._layers_arr)
-        elif layer.min() != one or layer.max() != one:
-            bad |= layer != one
+        layer = self._layers(col["layer"], bad)
         ids = _lists(col["topk_ids"], k, bad)
         _check_ids(ids, meta.num_experts, bad)
         ids = ids.astype(np.int64)
-        weights = _lists(col["topk_weights"], k, bad)
-        flat = weights.reshape(-1)
-        if weights.dtype == np.float32:  # finite float32 values are within float32's range
-            fine = bool(np.isfinite(flat).all())
-        else:
-            fine = bool(np.isfinite(flat).all()) and np.abs(flat).max() <= schema.FLOAT32_MAX
-        if not fine:
-            bad |= ~schema.weights_valid(weights).all(axis=1)
-        weights = weights.astype(np.float32)
+        weights = _weights(col["topk_weights"], k, bad).astype(np.float32)
         phase = _phases(col.get("phase"), n, bad)
         step = _steps(col.get("step"), n, bad)
         line = np.arange(first, first + n, dtype=np.int64)
@@ -286,6 +307,54 @@ class ParquetLog(LogBase):
             else:
                 bad[i] = False
         return chunk.take(~bad)
+
+    def _load_batch(
+        self, batch: pa.RecordBatch, first: int, part: _Part, sink: IssueSink, rows: _RowGroups
+    ) -> LoadChunk | None:
+        """:meth:`_batch` for a batch of the :data:`LOAD_COLUMNS` (and maybe ``topk_weights``):
+        the same rules on the columns it has; a bad row's reason from its whole row."""
+        meta = self.meta
+        assert meta is not None
+        n, k = batch.num_rows, meta.top_k
+        if n == 0:
+            return None
+        col = dict(zip(batch.schema.names, batch.columns, strict=True))
+        bad = np.zeros(n, bool)
+        layer = self._layers(col["layer"], bad, widen=False)
+        ids = _lists(col["topk_ids"], k, bad)
+        _check_ids(ids, meta.num_experts, bad)
+        arr = col.get("topk_weights")
+        weights = None if arr is None else _weights(arr, k, bad).astype(np.float32, copy=False)
+        phase = _phases(col.get("phase"), n, bad)
+        if bad.any():
+            start = self._starts[-1]
+            for i in np.flatnonzero(bad).tolist():
+                at = first + i - start  # the row in its part, from 0
+                reason = rows.reason(at, self._row_reason)
+                if reason is not None:
+                    sink(Issue(first + i, reason, file=part.label, row=at + 1))
+                else:
+                    bad[i] = False
+            keep = ~bad
+            layer, phase, ids = layer[keep], phase[keep], ids[keep]
+            weights = None if weights is None else weights[keep]
+        if ids.dtype.kind != "i":  # unsigned: those beyond int64 were bad rows
+            ids = ids.astype(np.int64)
+        return LoadChunk(layer, phase, ids, weights)
+
+    def _layers(self, arr: pa.Array, bad: np.ndarray, *, widen: bool = True) -> np.ndarray:
+        """The layer column (int64 with ``widen``, else as stored when a signed int); layers
+        not in ``layers_logged`` mark their rows ``bad``."""
+        if widen or arr.null_count or not pa.types.is_signed_integer(arr.type):
+            layer = _ints(arr, bad)
+        else:
+            layer = arr.to_numpy()
+        one = self._one_layer
+        if one is None:
+            bad |= ~np.isin(layer, self._layers_arr)
+        elif layer.min() != one or layer.max() != one:
+            bad |= layer != one
+        return layer
 
     def _request_codes(self, arr: pa.Array, bad: np.ndarray) -> np.ndarray:
         """The request code of each row (rows with a null or empty id marked ``bad``).
@@ -322,7 +391,7 @@ class ParquetLog(LogBase):
             codes = lut[idx]
         return np.maximum(codes, 0)
 
-    def _row_reason(self, batch: pa.RecordBatch, i: int) -> str | None:
+    def _row_reason(self, batch: pa.RecordBatch | pa.Table, i: int) -> str | None:
         """Why row ``i`` is not a valid route, in the words a JSON Lines reader would use (the
         row as a record, judged by pydantic, then by the reader's range rules); None if it is
         valid after all."""
@@ -355,6 +424,49 @@ def _ints(arr: pa.Array, bad: np.ndarray, *, null: int | None = None) -> np.ndar
     if values.dtype == np.uint64:
         bad |= values > np.uint64(schema.INT64_MAX)
     return values.astype(np.int64)
+
+
+def _weights(arr: pa.Array, k: int, bad: np.ndarray) -> np.ndarray:
+    """The weights column as (n, k) floats (float32 or float64, as stored); rows with a weight
+    that is not finite or beyond float32 (:func:`moeprof.schema.weights_valid`) marked
+    ``bad``."""
+    weights = _lists(arr, k, bad)
+    flat = weights.reshape(-1)
+    if weights.dtype == np.float32:  # finite float32 values are within float32's range
+        fine = bool(np.isfinite(flat).all())
+    else:
+        fine = bool(np.isfinite(flat).all()) and np.abs(flat).max() <= schema.FLOAT32_MAX
+    if not fine:
+        bad |= ~schema.weights_valid(weights).all(axis=1)
+    return weights
+
+
+class _RowGroups:
+    """Whole rows of a part, for the reasons of rows found bad in a projected read: the row
+    group holding the row is read with every column (one at a time, the last one kept)."""
+
+    def __init__(self, pf: pq.ParquetFile) -> None:
+        self.pf = pf
+        self.starts: np.ndarray | None = None
+        """The first row of each row group (known once a row is asked for)."""
+        self.cached: tuple[int, pa.Table] | None = None
+
+    def reason(self, row: int, judge: Callable[[pa.Table, int], str | None]) -> str | None:
+        """``judge(table, i)`` on row ``row`` (from 0) of the part; why it cannot be read if
+        its row group cannot be."""
+        if self.starts is None:
+            meta = self.pf.metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            self.starts = np.cumsum([0, *sizes])
+        g = int(np.searchsorted(self.starts, row, side="right")) - 1
+        if self.cached is None or self.cached[0] != g:
+            names = [c for c in (*REQUIRED, *OPTIONAL) if c in self.pf.schema_arrow.names]
+            try:
+                table = self.pf.read_row_group(g, columns=names, use_threads=False)
+            except (OSError, pa.ArrowException) as e:
+                return f"cannot read: {_arrow_reason(e)}"
+            self.cached = (g, table)
+        return judge(self.cached[1], row - int(self.starts[g]))
 
 
 def _check_ids(ids: np.ndarray, num_experts: int | None, bad: np.ndarray) -> None:

@@ -150,6 +150,24 @@ class RouteChunk:
         return RouteChunk(*(np.take(a, rows, axis=0) for a in fields))
 
 
+@dataclass(frozen=True)
+class LoadChunk:
+    """The columns of a run of valid routes that load statistics need
+    (:meth:`LogBase.load_chunks`); rows in file order."""
+
+    layer: np.ndarray
+    """(n,) decoder layer index (any int type)."""
+    phase: np.ndarray
+    """(n,) int8 phase code, as :attr:`RouteChunk.phase`."""
+    ids: np.ndarray
+    """(n, k) expert ids: non-negative, of a signed int type (int64 or narrower)."""
+    weights: np.ndarray | None
+    """(n, k) float32 router weights; None when not asked for."""
+
+    def __len__(self) -> int:
+        return int(self.layer.size)
+
+
 class _Codes(dict[str, int]):
     """req_id -> dense code, assigned on first sight; lookups of known ids stay in C."""
 
@@ -387,17 +405,35 @@ class LogBase(ABC):
     _codes: _Codes
     _sorted_layers: np.ndarray
     _slot_of_sorted: np.ndarray
+    _slot_table: np.ndarray | None = None
+    """slot of layer L at [L] when the layers are small non-negative ints (a lookup, not a
+    binary search, per row)."""
 
     def _index_layers(self) -> None:
         if self.meta is not None:
             order = np.argsort(self.meta.layers_logged)
             self._sorted_layers = np.asarray(self.meta.layers_logged, np.int64)[order]
             self._slot_of_sorted = order
+            layers = self._sorted_layers
+            if layers.size and layers[0] >= 0 and layers[-1] < 1 << 16:
+                self._slot_table = np.zeros(int(layers[-1]) + 1, np.int64)
+                self._slot_table[layers] = order
 
     @abstractmethod
     def chunks(
         self, on_issue: IssueSink | None = None, *, on_decoded: DecodedSink | None = None
     ) -> Iterator[RouteChunk]: ...
+
+    def load_chunks(
+        self, on_issue: IssueSink | None = None, *, weights: bool = True
+    ) -> Iterator[LoadChunk]:
+        """The routes' layer, phase, expert ids (and with ``weights`` their weights) for
+        statistics that need nothing else. A form that can read columns on their own (Parquet)
+        reads only these and checks only these (the rules on ``req_id``, ``token_idx`` and
+        ``step`` are :meth:`chunks`' and ``validate``'s), with the same messages; otherwise
+        they come from :meth:`chunks` with every check."""
+        for c in self.chunks(on_issue):
+            yield LoadChunk(c.layer, c.phase, c.ids, c.weights if weights else None)
 
     @abstractmethod
     def with_num_experts(self, num_experts: int) -> LogBase: ...
@@ -449,6 +485,8 @@ class LogBase(ABC):
 
     def layer_slot(self, layer: np.ndarray) -> np.ndarray:
         """Index of each layer in ``meta.layers_logged`` (rows in chunks are always logged)."""
+        if self._slot_table is not None:
+            return self._slot_table[layer]
         return self._slot_of_sorted[np.searchsorted(self._sorted_layers, layer)]
 
     def groups(self, chunk: RouteChunk) -> np.ndarray:

@@ -39,6 +39,7 @@ from moeprof.analysis.reader import (
     DecodedSink,
     Issue,
     IssueSink,
+    LoadChunk,
     LogBase,
     LogError,
     RouteChunk,
@@ -259,19 +260,7 @@ class MultiLog(LogBase):
         """Each rank's chunks in turn, request codes and line numbers made global; a request
         id met in a second rank is an error (once per request)."""
         sink = on_issue or self._raise_errors
-        self._offsets = []
-        self.end = None
-        missing = sorted(set(range(self.size)) - set(self.ranks))
-        if missing:
-            shown = ", ".join(map(str, missing))
-            sink(
-                Issue(
-                    None,
-                    f"data-parallel rank{'s' if len(missing) > 1 else ''} {shown} of "
-                    f"{self.size} not given: their requests are not in this log",
-                    "warning",
-                )
-            )
+        self._start_pass(sink)
         offset = 0
         for i, member in enumerate(self._members):
             self._offsets.append(offset)
@@ -289,6 +278,41 @@ class MultiLog(LogBase):
         self.lines_read = offset
         self.cut_mid_line = any(m.cut_mid_line for m in self._members)
         self.end = _summed_end([m.end for m in self._members])
+
+    def load_chunks(
+        self, on_issue: IssueSink | None = None, *, weights: bool = True
+    ) -> Iterator[LoadChunk]:
+        """Each rank's :meth:`~moeprof.analysis.reader.LogBase.load_chunks` in turn (a
+        request id met in two ranks is :meth:`chunks`' check: it needs ``req_id``)."""
+        sink = on_issue or self._raise_errors
+        self._start_pass(sink)
+        offset = 0
+        for member in self._members:
+            self._offsets.append(offset)
+
+            def member_sink(issue: Issue, member: LogBase = member) -> None:
+                sink(_in_file(issue, member))
+
+            yield from member.load_chunks(member_sink, weights=weights)
+            offset += member.lines_read
+        self.lines_read = offset
+        self.cut_mid_line = any(m.cut_mid_line for m in self._members)
+        self.end = _summed_end([m.end for m in self._members])
+
+    def _start_pass(self, sink: IssueSink) -> None:
+        self._offsets = []
+        self.end = None
+        missing = sorted(set(range(self.size)) - set(self.ranks))
+        if missing:
+            shown = ", ".join(map(str, missing))
+            sink(
+                Issue(
+                    None,
+                    f"data-parallel rank{'s' if len(missing) > 1 else ''} {shown} of "
+                    f"{self.size} not given: their requests are not in this log",
+                    "warning",
+                )
+            )
 
     def _global(
         self, chunk: RouteChunk, i: int, member: LogBase, offset: int, sink: IssueSink
