@@ -8,24 +8,36 @@ The workload is a continuous batch: ``--requests`` requests start together with 
 per step), again and again until ``--tokens`` tokens have been routed; ``top_k`` 4, random
 expert ids and float32 weights. A route is one token at one logged layer.
 
-Measured per configuration (sink x number of logged layers), median of ``--repeat`` runs, CPU
-time of the writer thread only (``time.thread_time``; the feeding thread is not counted):
+Measured per configuration (sink x Parquet write options x number of logged layers), median of
+``--repeat`` runs (the configurations interleaved, so that drift on a shared machine hits them
+alike), CPU time of the writer thread only (``time.thread_time``; the feeding thread is not
+counted):
 
 - ``map``: mapping rows to requests and building the columns (shared by both sinks),
-- ``sink``: the sink's work (JSONL: formatting and writing; Parquet: Arrow batches, lz4
-  encoding, parts), including closing the log,
+- ``sink``: the sink's work (JSONL: formatting and writing; Parquet: Arrow batches, encoding,
+  parts), including closing the log,
+- ``GIL``: the part of ``sink`` spent outside pyarrow's ``ParquetWriter.write_table`` and
+  ``close``, which encode and write with the GIL released; the rest of the sink holds the GIL
+  (Python and numpy), so this is what the sink takes from the model's thread (JSONL: the whole
+  sink holds it, the column is left out),
 - ``total``: everything the writer thread did, in microseconds per route, and the routes per
-  second of writer CPU that gives; the log's size in bytes per route.
+  second of writer CPU that gives; the log's size in bytes per route,
+- ``read``: reading every column of the Parquet log back (``pq.read_table(path,
+  use_threads=False)``), CPU time of the process per route, best of 3.
+
+``--options`` chooses the Parquet write options: ``moeprof`` (the sink's own,
+``moeprof.columns.WRITE_OPTIONS``), one of :data:`OPTION_SETS`, or ``all``.
 
 ``--gil`` measures instead what the writer costs the model's thread through the GIL: a
-stand-in model loop's step time (median, p99) with no writer, then while the writer renders a
-JSONL backlog with each way of handing the GIL back (rows formatted per slice, ``sleep``
-between slices; the hook uses 64 rows and ``sleep(1e-6)``).
+stand-in model loop's step time (median, p99) with no writer, then while the writer writes a
+backlog: JSONL with each way of handing the GIL back (rows formatted per slice, ``sleep``
+between slices; the hook uses 64 rows and ``sleep(1e-6)``), then Parquet as the hook writes it.
 
 Issue 14's target: the Parquet sink at most 0.1 us/route. This is a micro-benchmark: run it
 on a quiet machine for figures to quote.
 
     python bench/writer_cost.py --json bench/results/writer_cost.json
+    python bench/writer_cost.py --sink parquet --options all --repeat 5
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from moeprof import columns as log_columns
 from moeprof.hook import compat
 from moeprof.hook.ring import HostRing
 from moeprof.hook.rows import StepBatch
@@ -52,8 +65,60 @@ from moeprof.hook.writer import LogWriter, StepItem
 TOP_K = 4
 NUM_EXPERTS = 60
 
+_IDS = "topk_ids.list.element"
+_WEIGHTS = "topk_weights.list.element"
+_DICT = ["req_id", "phase"]
+_STATS = ["token_idx", "layer", "step"]
+_SCALARS = ["req_id", "token_idx", "layer", "phase", "step"]
+_BATCH = 1 << 16
+OPTION_SETS: dict[str, dict[str, Any]] = {
+    "zstd": {"compression": "zstd", "use_dictionary": _DICT, "write_statistics": _STATS},
+    "lz4-dict-ids": {
+        "compression": "lz4",
+        "use_dictionary": [*_DICT, _IDS],
+        "write_statistics": _STATS,
+    },
+    "lz4-dict-ids-batch": {
+        "compression": "lz4",
+        "use_dictionary": [*_DICT, _IDS],
+        "write_statistics": _STATS,
+        "write_batch_size": _BATCH,
+    },
+    "plain": {"compression": "none", "use_dictionary": _DICT, "write_statistics": _STATS},
+    "delta-ids-batch": {
+        "compression": "lz4",
+        "use_dictionary": _DICT,
+        "column_encoding": {_IDS: "DELTA_BINARY_PACKED"},
+        "write_statistics": _STATS,
+        "write_batch_size": _BATCH,
+    },
+    "plain-ids-batch": {
+        "compression": dict.fromkeys([*_SCALARS, _WEIGHTS], "lz4"),
+        "use_dictionary": _DICT,
+        "write_statistics": _STATS,
+        "write_batch_size": _BATCH,
+    },
+    "plain-lists-batch": {
+        "compression": dict.fromkeys(_SCALARS, "lz4"),
+        "use_dictionary": _DICT,
+        "write_statistics": _STATS,
+        "write_batch_size": _BATCH,
+    },
+    "bss-ids-batch": {
+        "compression": "lz4",
+        "use_dictionary": _DICT,
+        "use_byte_stream_split": [_IDS],
+        "write_statistics": _STATS,
+        "write_batch_size": _BATCH,
+    },
+}
+"""Candidate ``WRITE_OPTIONS`` for ``--options`` (``moeprof``: the ones the sink uses now).
+``zstd`` and ``lz4-dict-ids`` are the sink's earlier choices."""
+
 
 Step = tuple[StepBatch, dict[str, int], list[str]]
+
+MOEPROF_OPTIONS = log_columns.WRITE_OPTIONS
 
 
 def steps(requests: int, prompt: int, decode: int, tokens: int) -> list[Step]:
@@ -80,8 +145,13 @@ def steps(requests: int, prompt: int, decode: int, tokens: int) -> list[Step]:
     return out
 
 
-def run_once(sink: str, layers: int, workload: list[Step], directory: Path) -> dict[str, float]:
-    """One log written from ``workload``; CPU seconds of the writer thread by part."""
+def run_once(
+    sink: str, layers: int, workload: list[Step], directory: Path, options: str = "moeprof"
+) -> dict[str, float]:
+    """One log written from ``workload`` (Parquet: with the write options ``options``); CPU
+    seconds of the writer thread by part, and CPU seconds to read the log's columns back."""
+    import pyarrow.parquet as pq
+
     max_step = max(b.num_tokens for b, _, _ in workload)
     ring = HostRing(max(4 * max_step, 1 << 14), layers, TOP_K, pin=False)
     rng = np.random.default_rng(0)
@@ -124,23 +194,56 @@ def run_once(sink: str, layers: int, workload: list[Step], directory: Path) -> d
     writer._columns = timed_columns  # type: ignore[method-assign]
     writer._sink.write = timed_write  # type: ignore[method-assign]
     writer._sink.close = timed_close  # type: ignore[method-assign]
+    clock["encode"] = 0.0
+    real = pq.ParquetWriter.write_table, pq.ParquetWriter.close
+
+    def encoding(method: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                clock["encode"] += time.thread_time() - t
+
+        return timed
+
+    pq.ParquetWriter.write_table = encoding(real[0])  # type: ignore[method-assign]
+    pq.ParquetWriter.close = encoding(real[1])  # type: ignore[method-assign]
+    if options != "moeprof":  # read by the sink each time it opens a part
+        log_columns.WRITE_OPTIONS = OPTION_SETS[options]
     wall = time.perf_counter()
-    for step, (batch, prompts, finished) in enumerate(workload):
-        start = ring.reserve(batch.num_tokens, writer.wake, timeout=120)
-        writer.submit(StepItem(batch, start, None, prompts, finished, step))
-    writer.close()
+    try:
+        for step, (batch, prompts, finished) in enumerate(workload):
+            start = ring.reserve(batch.num_tokens, writer.wake, timeout=120)
+            writer.submit(StepItem(batch, start, None, prompts, finished, step))
+        writer.close()
+    finally:
+        pq.ParquetWriter.write_table, pq.ParquetWriter.close = real  # type: ignore[method-assign]
+        log_columns.WRITE_OPTIONS = MOEPROF_OPTIONS
     wall = time.perf_counter() - wall
     if writer.failed:
         raise RuntimeError(f"the writer failed: {writer.stopped}")
     routes = writer.routes_written
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()))
+    read = 0.0
+    if path.is_dir():  # every column, one thread; CPU of the whole process, best of 3
+        reads = []
+        for _ in range(3):
+            t = time.process_time()
+            table = pq.read_table(path, use_threads=False)
+            reads.append(time.process_time() - t)
+            assert table.num_rows == routes, (table.num_rows, routes)
+            del table
+        read = min(reads)
     result = {
         "routes": routes,
         "total_sec": writer.cpu_sec,
         "map_sec": clock["map"],
         "sink_sec": clock["sink"],
+        "encode_sec": clock["encode"],
         "wall_sec": wall,
         "bytes": size,
+        "read_sec": read,
     }
     if path.is_dir():
         shutil.rmtree(path)
@@ -165,8 +268,9 @@ def model_steps(n: int) -> list[float]:
 
 
 def gil_interference(tokens: int, layers: int, directory: Path) -> list[dict[str, Any]]:
-    """The stand-in model thread's step time while the writer renders a JSONL backlog, per
-    way of handing the GIL back (rows per slice, sleep between slices)."""
+    """The stand-in model thread's step time while the writer writes a backlog: JSONL per way
+    of handing the GIL back (rows per slice, sleep between slices), then Parquet as the hook
+    writes it (Arrow batches of ``ARROW_CHUNK`` routes, encoded with the GIL released)."""
     from moeprof.hook import sinks
 
     workload = steps(64, 128, 128, tokens)
@@ -174,15 +278,18 @@ def gil_interference(tokens: int, layers: int, directory: Path) -> list[dict[str
     baseline = model_steps(300)
     rows.append({"setting": "no writer", "step_ms": baseline})
     real_chunk, real_pause = sinks.FORMAT_CHUNK, sinks.pause
-    for chunk, sleep in ((64, 1e-6), (64, 0.0), (256, 0.0), (256, 1e-6)):
-        sinks.FORMAT_CHUNK = chunk
+    settings = [("jsonl", 64, 1e-6), ("jsonl", 64, 0.0), ("jsonl", 256, 0.0), ("jsonl", 256, 1e-6)]
+    settings.append(("parquet", sinks.ARROW_CHUNK, 1e-6))
+    for sink, chunk, sleep in settings:
+        if sink == "jsonl":
+            sinks.FORMAT_CHUNK = chunk
         sinks.pause = lambda s=sleep: time.sleep(s)  # type: ignore[misc]
         try:
             max_step = max(b.num_tokens for b, _, _ in workload)
             ring = HostRing(
                 max(sum(b.num_tokens for b, _, _ in workload), max_step), layers, 4, False
             )
-            path = directory / f"gil-{chunk}-{sleep}.jsonl"
+            path = directory / f"gil-{chunk}-{sleep}.{sink}"
             meta = {"type": "meta", "layers_logged": list(range(layers)), "top_k": TOP_K}
             w = LogWriter(
                 path, meta, list(range(layers)), TOP_K, compat.external_request_id, True, ring
@@ -197,11 +304,18 @@ def gil_interference(tokens: int, layers: int, directory: Path) -> list[dict[str
                 times += model_steps(5)
             elapsed = time.perf_counter() - t0
             w.close()
-            path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         finally:
             sinks.FORMAT_CHUNK, sinks.pause = real_chunk, real_pause
         rows.append(
-            {"setting": f"{chunk} rows, sleep({sleep:g})", "step_ms": times, "writer_sec": elapsed}
+            {
+                "setting": f"{sink} {chunk} rows, sleep({sleep:g})",
+                "step_ms": times,
+                "writer_sec": elapsed,
+            }
         )
     base_mean = float(np.mean(rows[0]["step_ms"]))
     for r in rows:
@@ -224,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--options",
+        action="append",
+        choices=("moeprof", "all", *OPTION_SETS),
+        help="Parquet write options to time (repeatable; default: moeprof, the sink's own "
+        "WRITE_OPTIONS; all: every set)",
+    )
     p.add_argument("--dir", type=Path, help="where the logs are written (default: a temp dir)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument(
@@ -236,13 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.gil:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             gil = gil_interference(args.tokens, (args.layers or [4])[0], Path(tmp))
-        print("stand-in model step while the writer renders JSONL (ms)")
+        print("stand-in model step while the writer writes a backlog (ms)")
         print(
-            f"{'setting':24} {'steps':>6} {'median':>8} {'p99':>8} {'mean/base':>9} {'writer s':>8}"
+            f"{'setting':32} {'steps':>6} {'median':>8} {'p99':>8} {'mean/base':>9} {'writer s':>8}"
         )
         for r in gil:
             print(
-                f"{r['setting']:24} {r['steps']:6d} {r['median_ms']:8.3f} {r['p99_ms']:8.3f} "
+                f"{r['setting']:32} {r['steps']:6d} {r['median_ms']:8.3f} {r['p99_ms']:8.3f} "
                 f"{r['slowdown']:9.3f} {r.get('writer_sec', 0):8.2f}"
             )
         if args.json:
@@ -250,12 +371,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     layer_counts = args.layers or [1, 4, 24]
     sinks = args.sink or ["jsonl", "parquet"]
+    names = args.options or ["moeprof"]
+    if "all" in names:
+        names = ["moeprof", *OPTION_SETS]
+    arms = [(sink, "moeprof") for sink in sinks if sink == "jsonl"]
+    arms += [("parquet", name) for name in names if "parquet" in sinks]
     workload = steps(args.requests, args.prompt, args.decode, args.tokens)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for layers in layer_counts:
-            for sink in sinks:
-                runs = [run_once(sink, layers, workload, Path(tmp)) for _ in range(args.repeat)]
+            arm_runs: dict[tuple[str, str], list[dict[str, float]]] = {arm: [] for arm in arms}
+            for _ in range(args.repeat):  # arms interleaved: drift on a shared machine hits all
+                for sink, name in arms:
+                    arm_runs[sink, name].append(run_once(sink, layers, workload, Path(tmp), name))
+            for (sink, name), runs in arm_runs.items():
                 routes = runs[0]["routes"]
 
                 def us(key: str, runs: list = runs, routes: int = routes) -> float:
@@ -264,27 +393,43 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(
                     {
                         "sink": sink,
+                        "options": name if sink == "parquet" else None,
+                        "write_options": (
+                            MOEPROF_OPTIONS if name == "moeprof" else OPTION_SETS[name]
+                        )
+                        if sink == "parquet"
+                        else None,
                         "layers": layers,
                         "routes": routes,
                         "map_us_per_route": us("map_sec"),
                         "sink_us_per_route": us("sink_sec"),
+                        "sink_gil_us_per_route": None
+                        if sink == "jsonl"
+                        else statistics.median(r["sink_sec"] - r["encode_sec"] for r in runs)
+                        / routes
+                        * 1e6,
                         "total_us_per_route": us("total_sec"),
                         "wall_us_per_route": us("wall_sec"),
                         "bytes_per_route": statistics.median(r["bytes"] for r in runs) / routes,
+                        "read_us_per_route": None if sink == "jsonl" else us("read_sec"),
                         "runs": runs,
                     }
                 )
     header = (
-        f"{'sink':8} {'layers':>6} {'routes':>9} {'map':>7} {'sink':>7} {'total':>7} "
-        f"{'Mroutes/s':>9} {'B/route':>8}"
+        f"{'sink':28} {'layers':>6} {'routes':>9} {'map':>7} {'sink':>7} {'GIL':>7} "
+        f"{'total':>7} {'Mroutes/s':>9} {'B/route':>8} {'read':>7}"
     )
-    print("writer CPU per route (us), median of", args.repeat, "runs")
+    print(f"writer CPU per route (us), median of {args.repeat} runs; read: us/route, best of 3")
     print(header)
     for r in rows:
+        label = r["sink"] if r["options"] in (None, "moeprof") else f"parquet:{r['options']}"
+        read = r["read_us_per_route"]
+        gil = f"{r['sink_gil_us_per_route']:7.3f}" if r["sink"] == "parquet" else ""
         print(
-            f"{r['sink']:8} {r['layers']:6d} {r['routes']:9,d} {r['map_us_per_route']:7.3f} "
-            f"{r['sink_us_per_route']:7.3f} {r['total_us_per_route']:7.3f} "
-            f"{1 / r['total_us_per_route']:9.2f} {r['bytes_per_route']:8.1f}"
+            f"{label:28} {r['layers']:6d} {r['routes']:9,d} {r['map_us_per_route']:7.3f} "
+            f"{r['sink_us_per_route']:7.3f} {gil:>7} "
+            f"{r['total_us_per_route']:7.3f} {1 / r['total_us_per_route']:9.2f} "
+            f"{r['bytes_per_route']:8.1f} {'' if read is None else f'{read:7.3f}'}"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -430,12 +430,12 @@ class ParquetSink:
         n = cols.num_routes
         if n == 0:
             return
-        codes: dict[str, int] = {}
-        seg_code = np.fromiter(
-            (codes.setdefault(r, len(codes)) for r in cols.seg_req), np.int32, len(cols.seg_req)
-        )
+        # one run per token in decode steps: map the runs to codes at C speed (dict, map)
+        names = list(dict.fromkeys(cols.seg_req))
+        code_of = {name: i for i, name in enumerate(names)}
+        seg_code = np.fromiter(map(code_of.__getitem__, cols.seg_req), np.int32, len(cols.seg_req))
         req_code = np.repeat(seg_code, cols.seg_routes)
-        names = list(codes)
+        phase = np.logical_not(cols.prefill).view(np.int8)  # phase codes: prefill 0, decode 1
         try:
             a = 0
             while a < n:
@@ -450,7 +450,7 @@ class ParquetSink:
                     cols.layer[a:b],
                     cols.ids[a:b],
                     cols.weights[a:b],
-                    np.where(cols.prefill[a:b], 0, 1).astype(np.int8),
+                    phase[a:b],
                     cols.step[a:b],
                 )
                 self._add(batch)
