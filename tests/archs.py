@@ -12,12 +12,15 @@ that bias-corrected routing is really exercised.
 
 Driver (one vLLM process for many families, the engine in-process):
 ``python tests/archs.py run {baseline,logged} OUT_DIR FAMILY...`` writes ``OUT_DIR/<arm>.json``
-(per family: outputs, seconds, or the error) and, for ``logged``, ``OUT_DIR/<family>.jsonl``.
+(per family: outputs, seconds, or the error) and, for ``logged``, ``OUT_DIR/<family>.jsonl``
+and ``OUT_DIR/<family>.router_inputs.npz`` (the hidden states each MoE layer's router received,
+see ``router_inputs.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -29,7 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-ARCHS_VERSION = 1
+ARCHS_VERSION = 2
 SEED = 1234
 
 PROMPTS = [
@@ -66,11 +69,42 @@ _MLA: dict[str, Any] = {
 }
 
 
-MLA_DIFFERS = (
-    "vLLM's CPU MLA attention computes other hidden states than transformers' for tokens that "
-    "attend to more than one position, in the rotary part (with q's rope rows zeroed in the "
-    "checkpoint DeepSeek-V3 agrees 180/180); each request's first token agrees exactly"
-)
+def _deepseek_yarn(mscale: float) -> dict[str, Any]:
+    """The YaRN rope of the DeepSeek-V2 (``mscale`` 0.707) and V3 (1.0) checkpoints: vLLM runs
+    it as ``DeepseekScalingRotaryEmbedding`` (PyTorch on CPU), and it scales the attention
+    softmax by ``mscale_all_dim``. With plain rope vLLM's CPU build, eager, would run its C++
+    rotary op instead, which mis-rotates MLA's queries (see ``NATIVE_ROPE``)."""
+    return {
+        "max_position_embeddings": 163840,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": mscale,
+            "mscale_all_dim": mscale,
+        },
+    }
+
+
+NATIVE_ROPE: dict[str, Any] = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
+"""vLLM's plain rotary embedding in PyTorch instead of the CPU build's C++ op, for models with
+plain rope that hand the op 3-D ``[tokens, heads, dim]`` tensors: MLA's q rope part
+(vllm/model_executor/layers/mla.py:228; GLM-4-MoE-Lite, whose real checkpoint GLM-4.7-Flash
+has plain rope) and LFM2's q/k after their per-head norms (models/lfm2_moe.py:257).
+
+The C++ op (``torch.ops._C.rotary_embedding``, called by ``RotaryEmbedding.forward_cpu``,
+layers/rotary_embedding/base.py:310) takes the head count from ``query.size(-1) // head_size``,
+1 there: of the tokens x heads rows it rotates only the first ``tokens`` (with positions 0, 1,
+... in (token, head) order) and leaves the rest unrotated, so attention differs from the
+model's (and transformers') for every token after a request's first. vLLM runs the op only
+with ``custom_ops`` "all", which it picks for ``enforce_eager`` (these tests) on CPU; a default
+(compiled) CPU engine picks "none" and runs the PyTorch rotary, as this setting does, and CUDA's
+op handles 3-D inputs. DeepSeek-V2/V3 checkpoints use YaRN rope, which has no C++ path on CPU
+(``_deepseek_yarn``). ``test_cpu_rope_op_still_mis_rotates_3d_queries`` pins the bug.
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +138,8 @@ class Family:
     runs for this family (it ignores the bias in softmax routing without groups)."""
     routing: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Entries the meta's ``routing`` must have (see ``moeprof.routing_facts``)."""
+    llm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra keyword arguments of ``vllm.LLM`` for this family, both arms (``NATIVE_ROPE``)."""
 
     @property
     def routed_scaling_factor(self) -> float:
@@ -171,9 +207,9 @@ FAMILIES: dict[str, Family] = {
                 # Keys vLLM reads that transformers 5 does not write for DeepSeek-V3.
                 "topk_method": "noaux_tc",
                 "scoring_func": "sigmoid",
-            },
+            }
+            | _deepseek_yarn(1.0),
             weights="scaled",
-            hf_differs=MLA_DIFFERS,
             routing={
                 "scoring": "sigmoid",
                 "grouped_topk": True,
@@ -208,8 +244,8 @@ FAMILIES: dict[str, Family] = {
                 "moe_intermediate_size": 64,
                 "first_k_dense_replace": 1,
                 "norm_topk_prob": False,
-            },
-            hf_differs=MLA_DIFFERS,
+            }
+            | _deepseek_yarn(0.707),
             routing={"scoring": "softmax", "grouped_topk": True, "correction_bias": False},
         ),
         Family(
@@ -250,7 +286,7 @@ FAMILIES: dict[str, Family] = {
             },
             weights="scaled",
             vllm_config={"first_k_dense_replace": 1},
-            hf_differs=MLA_DIFFERS,
+            llm_kwargs=NATIVE_ROPE,
             routing={"scoring": "sigmoid", "correction_bias": True, "correction_bias_used": True},
         ),
         Family(
@@ -382,10 +418,7 @@ FAMILIES: dict[str, Family] = {
                 "num_dense_layers": 1,
                 "layer_types": ["conv", "full_attention", "conv"],
             },
-            hf_differs=(
-                "vLLM's short-conv layers compute other hidden states than transformers' for "
-                "tokens after the first (each request's first token agrees exactly)"
-            ),
+            llm_kwargs=NATIVE_ROPE,
             routing={"scoring": "sigmoid", "correction_bias": True, "correction_bias_used": True},
         ),
         Family(
@@ -627,8 +660,12 @@ def _run_family(name: str, arm: str, out_dir: Path) -> dict[str, Any]:
         enable_prefix_caching=False,
         model_impl=family.model_impl,
         distributed_executor_backend="uni",
+        **copy.deepcopy(family.llm_kwargs),  # vLLM appends to lists it is given
     )
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, seed=SEED, ignore_eos=True)
+    recorders: list[Any] = []
+    if arm == "logged":
+        llm.apply_model(lambda model: recorders.append(_router_recorder(model, family)))
     try:
         results = llm.generate(PROMPTS, params, use_tqdm=False)
     finally:
@@ -637,7 +674,26 @@ def _run_family(name: str, arm: str, out_dir: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     if arm == "logged":
         Path(os.environ["VLLM_LOG_MOE"]).rename(out_dir / f"{name}.jsonl")
+        for recorder in recorders:
+            recorder.remove()
+            if recorder.gates:
+                recorder.save(out_dir / f"{name}.router_inputs.npz")
     return {"outputs": outputs, "seconds": seconds}
+
+
+def _router_recorder(model: Any, family: Family) -> Any:
+    """Hooks recording the hidden states entering each MoE layer's router (see
+    ``router_inputs``); the engine runs in this process, eager, so they fire."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import router_inputs
+
+    kw = _BASE | family.config
+    n_exp = next(
+        kw[k]
+        for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+        if isinstance(kw.get(k), int)
+    )
+    return router_inputs.Recorder(model, n_exp)
 
 
 def _inspect_in_process(architecture: str) -> None:

@@ -54,6 +54,14 @@ def routes(model: Any, token_ids: list[int]) -> dict[int, tuple[np.ndarray, np.n
     """
     import torch
 
+    return capture(model, lambda: model(torch.tensor([token_ids])))
+
+
+def capture(model: Any, forward: Any) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Layer -> (ids, weights) the ``experts`` modules of ``model`` (any module whose
+    ``named_modules`` name decoder layers) receive while ``forward()`` runs."""
+    import torch
+
     captured: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     handles = []
     for layer, module in experts_modules(model).items():
@@ -75,7 +83,7 @@ def routes(model: Any, token_ids: list[int]) -> dict[int, tuple[np.ndarray, np.n
             handles.append(module.register_forward_hook(_llama4_hook(captured, int(m.group(1)))))
     try:
         with torch.no_grad():
-            model(torch.tensor([token_ids]))
+            forward()
     finally:
         for h in handles:
             h.remove()
