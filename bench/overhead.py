@@ -36,6 +36,9 @@ Quick look (25 questions; short passes, so per-step noise shows more):
 
     python bench/overhead.py --prompts 25 --pairs 3 --json bench/results/overhead_cpu.json
 
+``--only NAME`` (repeatable) keeps only the named logged arms of that cross product.
+``--writer process --writer thread`` does the same for where the hook's writer runs (its own
+process, the default; or a thread of vLLM's worker, ``VLLM_LOG_MOE_WRITER=thread``).
 ``--sink jsonl --sink parquet`` gives each layer selection one arm per log format (a JSONL
 file, a Parquet directory), run side by side in the same rounds.
 
@@ -218,17 +221,21 @@ class Arm:
     """The layer selection, canonical (``parse_layers``'s spelling)."""
     sink: str = "jsonl"
     """The logged arm's log format: ``jsonl`` or ``parquet``."""
+    writer: str = "process"
+    """Where the logged arm's writer runs (``VLLM_LOG_MOE_WRITER``): ``process`` or ``thread``."""
 
     @property
     def slug(self) -> str:
         if self.layers is None:
             return self.kind
-        return f"{self.kind}-{re.sub(r'[^0-9a-z]+', '_', self.layers)}-{self.sink}"
+        return f"{self.kind}-{re.sub(r'[^0-9a-z]+', '_', self.layers)}-{self.sink}-{self.writer}"
 
 
-def logged_arms(specs: Sequence[str], sinks: Sequence[str] = ("jsonl",)) -> list[Arm]:
-    """One arm per layer selection and sink, in the order given (selections outer); a bad or
-    repeated selection is an error."""
+def logged_arms(
+    specs: Sequence[str], sinks: Sequence[str] = ("jsonl",), writers: Sequence[str] = ("process",)
+) -> list[Arm]:
+    """One arm per layer selection, sink and writer, in the order given (selections outer); a
+    bad or repeated selection is an error."""
     arms: list[Arm] = []
     canonicals: list[str] = []
     for spec in specs:
@@ -237,8 +244,11 @@ def logged_arms(specs: Sequence[str], sinks: Sequence[str] = ("jsonl",)) -> list
             raise LayerSpecError(f"--layers {spec!r} names the same layers as an earlier one")
         canonicals.append(canonical)
         for sink in dict.fromkeys(sinks):
-            suffix = "" if sink == "jsonl" else f"/{sink}"
-            arms.append(Arm(f"logged[{canonical}]{suffix}", "logged", canonical, sink))
+            for writer in dict.fromkeys(writers):
+                suffix = ("" if sink == "jsonl" else f"/{sink}") + (
+                    "" if writer == "process" else f"/{writer}"
+                )
+                arms.append(Arm(f"logged[{canonical}]{suffix}", "logged", canonical, sink, writer))
     return arms
 
 
@@ -292,6 +302,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="log format of the logged arms: a JSONL file or a Parquet directory (repeatable: "
         "one arm per selection and sink, side by side in the same rounds; default jsonl)",
     )
+    p.add_argument(
+        "--writer",
+        dest="writers",
+        action="append",
+        choices=("process", "thread"),
+        help="where the logged arms' writer runs (VLLM_LOG_MOE_WRITER; repeatable like --sink; "
+        "default process)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="ARM",
+        help="keep only these logged arms of the cross product above, by name (repeatable; "
+        "e.g. --only 'logged[all]/thread')",
+    )
     p.add_argument("--naive", action="store_true", help="also time the naive hook (eager)")
     p.add_argument("--enforce-eager", action="store_true", help="baseline and logged eager too")
     p.add_argument("--workdir", type=Path, help="keep logs and engine output here")
@@ -300,9 +325,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pairs < 1:
         p.error("--pairs must be >= 1")
     try:
-        args.arms = logged_arms(args.layers or ["0"], args.sinks or ["jsonl"])
+        args.arms = logged_arms(
+            args.layers or ["0"], args.sinks or ["jsonl"], args.writers or ["process"]
+        )
     except LayerSpecError as e:
         p.error(str(e))
+    if args.only:
+        names = [a.name for a in args.arms]
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            p.error(f"--only {unknown[0]!r}: not an arm of these options ({', '.join(names)})")
+        args.arms = [a for a in args.arms if a.name in args.only]
     args.naive_layer = naive_layer(args.arms)
     if args.naive and args.naive_layer is None:
         p.error("--naive logs one layer: give at least one single-index --layers (e.g. 1)")
@@ -355,6 +388,10 @@ def run_arm(
                     "NAIVE_MOE_LAYER": str(args.naive_layer),
                 },
             }
+        )
+    if arm.kind == "logged":
+        s = generate.Settings(
+            **{**settings.__dict__, "extra_env": {"VLLM_LOG_MOE_WRITER": arm.writer}}
         )
     vllm_log = work / f"{stem}.vllm.txt"
     console.print(f"[dim]round {index}, {escape(arm.name)}: starting engine[/]")
@@ -515,6 +552,7 @@ def summarise(
 ) -> dict[str, Any]:
     layers_of = {a.name: a.layers for a in args.arms}
     sink_of = {a.name: a.sink for a in args.arms}
+    writer_of = {a.name: a.writer for a in args.arms}
     names = ["baseline", *layers_of]
     base_walls = [r["wall_time_sec"]["baseline"] for r in rounds]
     arms: dict[str, dict[str, Any]] = {}
@@ -528,6 +566,7 @@ def summarise(
         arms[name] |= {
             "layers": layers_of[name],
             "sink": sink_of[name],
+            "writer": writer_of[name],
             "ratio_vs_baseline": stats,
             "overhead_pct_median": (stats["median"] - 1) * 100,
             "target_met": stats["target_met"],
@@ -559,6 +598,7 @@ def summarise(
         "enforce_eager": settings.enforce_eager,
         "layers": [a.layers for a in args.arms],
         "sinks": sorted({a.sink for a in args.arms}),
+        "writers": sorted({a.writer for a in args.arms}),
         "target": args.target,
         "arms": arms,
         "rounds": [

@@ -135,6 +135,16 @@ def test_layer_selections_become_named_arms() -> None:
         ("logged[all]/parquet", "parquet"),
     ]
     assert len({a.slug for a in both}) == 2  # their logs do not collide
+    writers = overhead.parse_args(["--layers", "all", "--writer", "process", "--writer", "thread"])
+    assert [(a.name, a.writer) for a in writers.arms] == [
+        ("logged[all]", "process"),
+        ("logged[all]/thread", "thread"),
+    ]
+    crossed = ["--layers", "1", "--layers", "all", "--writer", "process", "--writer", "thread"]
+    picked = overhead.parse_args([*crossed, "--only", "logged[1]", "--only", "logged[all]/thread"])
+    assert [a.name for a in picked.arms] == ["logged[1]", "logged[all]/thread"]
+    with pytest.raises(SystemExit):
+        overhead.parse_args(["--layers", "all", "--only", "logged[2]"])
     args = overhead.parse_args(["--layer", "2"])
     assert [a.name for a in args.arms] == ["logged[2]"]
     assert [a.name for a in overhead.parse_args([]).arms] == ["logged[0]"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (run scripts/setup.sh)")
 
+from tiny_engine import PROMPTS, run_tiny
+
 from moeprof import generate
 from moeprof.analysis.reader import open_log
 from moeprof.columns import END_KEY, META_KEY
@@ -32,12 +35,6 @@ from moeprof.tiny import CONFIG, tiny_model_path
 
 pytestmark = pytest.mark.vllm
 
-PROMPTS = [
-    "Janet's ducks lay 16 eggs per day. How many dollars does she make?",
-    "A robe takes 2 bolts of blue fiber and half that much white fiber.",
-    "Hi",
-    "Every morning Tom reads 20 pages of his 340 page book. How many days does he need?",
-]
 NUM_LAYERS = CONFIG["num_hidden_layers"]
 SAME_SCHEDULE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 """The engine core in the caller's process: every prompt is queued before the first step, so
@@ -45,27 +42,9 @@ two runs batch the same tokens in the same steps (with the core in its own proce
 steps start while requests still arrive, and step numbers and float rounding differ)."""
 
 
-def _settings(prompts: list[str], max_tokens: int, **env: str) -> generate.Settings:
-    return generate.Settings(
-        model=str(tiny_model_path()),
-        model_label="tiny",
-        prompts=prompts,
-        max_tokens=max_tokens,
-        max_model_len=256,
-        dtype="float32",
-        enforce_eager=True,
-        extra_env=env,
-    )
-
-
 def _run(name: str, tmp: Path, log: Path, prompts: list[str], max_tokens: int, **env: str) -> dict:
-    return generate.run_engine(
-        name,
-        _settings(prompts, max_tokens, **env),
-        log=log,
-        layer="all",
-        vllm_log=tmp / f"{name}.txt",
-        on_event=lambda *_: None,
+    return run_tiny(
+        name, tmp, log, prompts=prompts, max_tokens=max_tokens, enforce_eager=True, extra_env=env
     )
 
 
@@ -219,7 +198,12 @@ if __name__ == "__main__":
 """
 
 
-def test_sigkill_leaves_every_closed_parquet_part_readable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_sigkill_leaves_every_closed_parquet_part_readable(tmp_path: Path, writer: str) -> None:
+    """SIGKILL to the whole engine (its process group). The writer thread dies with the worker:
+    the log keeps every part it had closed. The writer process is not in that group (nor in a
+    crash's way): it writes every step the worker had handed over, closes the log without a
+    closing record, says how many routes it holds, and exits."""
     log = tmp_path / "routes.parquet"
     script = tmp_path / "forever.py"
     script.write_text(_GENERATE_FOREVER)
@@ -228,9 +212,11 @@ def test_sigkill_leaves_every_closed_parquet_part_readable(tmp_path: Path) -> No
         "VLLM_LOG_MOE": str(log),
         "VLLM_MOE_LAYER": "all",
         "VLLM_LOG_MOE_PART_SEC": "0.5",
+        "VLLM_LOG_MOE_WRITER": writer,
         "VLLM_CPU_KVCACHE_SPACE": "1",
     }
-    with open(tmp_path / "engine.txt", "w") as output:
+    engine_txt = tmp_path / "engine.txt"
+    with open(engine_txt, "w") as output:
         proc = subprocess.Popen(
             [sys.executable, str(script), str(tiny_model_path())],
             stdout=output,
@@ -244,11 +230,19 @@ def test_sigkill_leaves_every_closed_parquet_part_readable(tmp_path: Path) -> No
                 if log.is_dir() and len(part_names(log)) >= 2:
                     break
                 time.sleep(0.1)
-            assert proc.poll() is None, (tmp_path / "engine.txt").read_text()[-3000:]
+            assert proc.poll() is None, engine_txt.read_text()[-3000:]
             assert len(part_names(log)) >= 2, "no part was closed in time"
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+    kept = None
+    if writer == "process":
+        deadline = time.monotonic() + 60
+        while kept is None and time.monotonic() < deadline:
+            found = re.search(r"keeps the (\d+) routes it had handed over", engine_txt.read_text())
+            kept = int(found.group(1)) if found else None
+            time.sleep(0.1)
+        assert kept is not None, engine_txt.read_text()[-3000:]
     names = part_names(log)
     assert names == [f"part-{i:05d}.parquet" for i in range(len(names))]
     total = 0
@@ -261,6 +255,8 @@ def test_sigkill_leaves_every_closed_parquet_part_readable(tmp_path: Path) -> No
             range(NUM_LAYERS)
         )
     assert total > 0
+    if kept is not None:
+        assert total == kept
 
 
 # --- a log path that cannot be written: refused before the model loads (issue 15, defect 6) ----

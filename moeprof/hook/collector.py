@@ -1,9 +1,11 @@
 """The host side of the hook: one per worker process that owns the logged layers.
 
 After each real step it snapshots the batch layout, copies the captured rows into the host ring
-(on a GPU: a non-blocking copy into pinned memory, then an event), and queues both for the
-writer thread. That is all the model's thread does: no sync, no thread wake-up, no formatting,
-no I/O.
+(on a GPU: a non-blocking copy into pinned memory, then an event), and hands both to the writer:
+by default a message to the writer process (:mod:`moeprof.hook.writer_process`, the ring in
+shared memory), with ``VLLM_LOG_MOE_WRITER=thread`` a queue of a writer thread in this process
+(:mod:`moeprof.hook.writer`). That is all the model's thread does: no sync, no thread wake-up,
+no formatting, no I/O.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from moeprof.hook.capture import RouteCapture
 from moeprof.hook.config import ENV_LAYER, HookConfig
 from moeprof.hook.ring import HostRing
 from moeprof.hook.writer import LogWriter, StepItem
+from moeprof.hook.writer_process import ProcessWriter
 from moeprof.layers import LayerSelection, LayerSpecError, format_layers
 from moeprof.schema import meta_dict
 
@@ -46,7 +49,7 @@ class StepCollector:
     def __init__(
         self,
         capture: RouteCapture,
-        writer: LogWriter,
+        writer: LogWriter | ProcessWriter,
         device: torch.device,
         read_step: Callable[[Any], compat.ScheduledStep],
     ) -> None:
@@ -99,19 +102,36 @@ class StepCollector:
         path = config.path_for_dp_rank(facts.data_parallel_rank, facts.data_parallel_size)
         max_tokens = facts.max_router_tokens
         row_ints = len(layers) * 2 * top_k
+        in_process = config.writer == "process"
         ring = HostRing(
-            ring_rows(max_tokens, row_ints * 4), len(layers), top_k, pin=facts.device.type == "cuda"
-        )
-        writer = LogWriter(
-            path,
-            log_meta(facts, routers),
-            layers,
+            ring_rows(max_tokens, row_ints * 4),
+            len(layers),
             top_k,
-            compat.external_request_id,
-            overwrite=config.overwrite,
-            ring=ring,
-            part_sec=config.part_sec,
+            pin=facts.device.type == "cuda",
+            shared=in_process,
         )
+        writer: LogWriter | ProcessWriter
+        if in_process:
+            writer = ProcessWriter(
+                path,
+                log_meta(facts, routers),
+                layers,
+                top_k,
+                config.overwrite,
+                ring,
+                config.part_sec,
+            )
+        else:
+            writer = LogWriter(
+                path,
+                log_meta(facts, routers),
+                layers,
+                top_k,
+                compat.external_request_id,
+                overwrite=config.overwrite,
+                ring=ring,
+                part_sec=config.part_sec,
+            )
         capture = RouteCapture(
             max_tokens,
             len(layers),
@@ -127,13 +147,14 @@ class StepCollector:
         writer.device_bytes = capture.nbytes
         logger.info(
             "moeprof: logging MoE layer%s %s of %s to %s (device buffer %.1f MiB, host ring "
-            "%.1f MiB)",
+            "%.1f MiB, writer %s)",
             "s" if len(layers) > 1 else "",
             format_layers(layers),
             facts.model_id,
             path,
             capture.nbytes / 2**20,
             ring.nbytes / 2**20,
+            "process" if in_process else "thread",
         )
         return cls(capture, writer, facts.device, read_step)
 

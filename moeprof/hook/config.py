@@ -26,6 +26,10 @@ ENV_LOG = "VLLM_LOG_MOE"
 ENV_LAYER = "VLLM_MOE_LAYER"
 ENV_OVERWRITE = "VLLM_LOG_MOE_OVERWRITE"
 ENV_PART_SEC = "VLLM_LOG_MOE_PART_SEC"
+ENV_WRITER = "VLLM_LOG_MOE_WRITER"
+WRITERS = ("process", "thread")
+"""Where the writer runs: its own process (the default: it never holds the engine's GIL), or a
+thread of the worker (no extra process; what moeprof did before)."""
 _ENV_CHECKED = "_MOEPROF_CHECKED_PATH"
 
 
@@ -37,6 +41,8 @@ class HookConfig:
     overwrite: bool
     part_sec: float = PART_SEC
     """Parquet only: a part is closed at the latest this many seconds after it was opened."""
+    writer: str = WRITERS[0]
+    """One of :data:`WRITERS`."""
 
     @property
     def sink(self) -> str:
@@ -64,11 +70,15 @@ def load_config() -> HookConfig:
         part_sec = -1.0
     if not part_sec > 0:
         raise HookRefusal(f"{ENV_PART_SEC}={raw_sec}: expected a number of seconds above 0")
+    writer = os.environ.get(ENV_WRITER, "").strip() or WRITERS[0]
+    if writer not in WRITERS:
+        raise HookRefusal(f"{ENV_WRITER}={writer}: expected one of {', '.join(WRITERS)}")
     config = HookConfig(
         path=Path(raw_path).expanduser().absolute(),
         layers=layers,
         overwrite=os.environ.get(ENV_OVERWRITE, "") not in ("", "0", "false"),
         part_sec=part_sec,
+        writer=writer,
     )
     _check_path_once(config)
     return config

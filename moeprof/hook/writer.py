@@ -1,6 +1,8 @@
 """Turning captured rows into log records, on a background thread, so the engine never waits.
 
-The model's thread only appends a step (where its rows sit in the host ring, and the batch
+The thread runs in the writer process (:mod:`moeprof.hook.writer_process`, the default), fed
+by the worker's messages, or in vLLM's worker itself (``VLLM_LOG_MOE_WRITER=thread``). The
+model's thread only appends a step (where its rows sit in the host ring, and the batch
 layout) to a queue, without waking anyone. This thread looks at the queue every
 ``IDLE_FLUSH_SEC``; it renders what is queued once the engine is idle, the ring is half full,
 or the oldest queued step has waited ``MAX_LAG_SEC`` (so under constant load too every step is
@@ -37,11 +39,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from moeprof.hook.ring import HostRing
+if TYPE_CHECKING:  # the writer process has no torch: it reads the ring through numpy
+    from moeprof.hook.ring import HostRing, RingView
 from moeprof.hook.rows import RowMapper, StepBatch
 from moeprof.hook.sinks import PART_SEC, RouteColumns, Sink, open_sink, pause
 from moeprof.layout import format_routes, route_template
@@ -59,7 +62,7 @@ FLUSH_ROUTES = 1 << 16
 """Routes mapped and handed to the sink per piece when a flush has more."""
 
 
-def _leave_compute_cores() -> None:
+def leave_compute_cores() -> None:
     """Move the calling thread onto CPUs its process is not bound to, if there are any.
 
     vLLM's CPU backend pins each worker process to the cores of its OpenMP compute threads
@@ -105,9 +108,15 @@ class LogWriter:
         top_k: int,
         external_id: Callable[[str], str],
         overwrite: bool,
-        ring: HostRing,
+        ring: HostRing | RingView,
         part_sec: float = PART_SEC,
+        cpu_clock: Callable[[], float] = time.thread_time,
+        in_worker: bool = True,
     ) -> None:
+        """``cpu_clock``: what the writer's CPU time is read from (``time.process_time`` in
+        the writer process, where everything the process does is the writer's);
+        ``in_worker``: the thread runs inside vLLM's worker, so it leaves the worker's compute
+        cores (:func:`leave_compute_cores`; the writer process has left them already)."""
         self.path = path
         self._sink: Sink = open_sink(path, meta, top_k, overwrite, part_sec)
         self.ring = ring
@@ -117,6 +126,9 @@ class LogWriter:
         """The device buffer's size, for the closing stats line (set by the collector)."""
         self.cpu_sec = 0.0
         """CPU time the writer thread has used (mapping, formatting, writing)."""
+        self._cpu_clock = cpu_clock
+        self._in_worker = in_worker
+        self._write_end = True
         self._external_id = external_id
         self._ext_of: dict[str, str] = {}
         self._mapper = RowMapper()
@@ -181,11 +193,13 @@ class LogWriter:
         """Have the thread look at the queue now instead of at its next tick."""
         self._wake.set()
 
-    def close(self, timeout: float = 60.0) -> None:
+    def close(self, timeout: float = 60.0, *, end_record: bool = True) -> None:
         """Drain what is queued, write the closing record and close the log; safe to call
-        more than once."""
+        more than once. ``end_record=False``: close without the closing record (the engine
+        went away without closing the log, so the log must not read as closed cleanly)."""
         if self._closed:
             return
+        self._write_end = end_record
         self._closed = True
         self._wake.set()
         self._thread.join(timeout)
@@ -207,8 +221,8 @@ class LogWriter:
             self.ring.release(item.start + item.batch.num_tokens)
         self._items.clear()
         removed = self.stopped == "log removed"  # said once already; nothing to write to
-        problem = self._sink.close(None if removed else self.end_record())
-        if problem is not None and not removed:
+        problem = self._sink.close(self.end_record() if self._write_end and not removed else None)
+        if problem is not None and self._write_end and not removed:
             logger.error(
                 "moeprof: the closing record could not be written to %s: %s; the log reads "
                 "as not closed cleanly",
@@ -246,12 +260,13 @@ class LogWriter:
         }
 
     def _run(self) -> None:
-        _leave_compute_cores()
-        cpu_start = time.thread_time()
+        if self._in_worker:
+            leave_compute_cores()
+        cpu_start = self._cpu_clock()
         try:
             self._loop()
         finally:
-            self.cpu_sec = time.thread_time() - cpu_start
+            self.cpu_sec = self._cpu_clock() - cpu_start
 
     def _loop(self) -> None:
         """Every ``IDLE_FLUSH_SEC`` (or when woken) decide whether to render what is queued.
