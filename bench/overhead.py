@@ -37,8 +37,8 @@ Quick look (25 questions; short passes, so per-step noise shows more):
     python bench/overhead.py --prompts 25 --pairs 3 --json bench/results/overhead_cpu.json
 
 ``--only NAME`` (repeatable) keeps only the named logged arms of that cross product.
-``--writer process --writer thread`` does the same for where the hook's writer runs (its own
-process, the default; or a thread of vLLM's worker, ``VLLM_LOG_MOE_WRITER=thread``).
+``--writer thread --writer process`` does the same for where the hook's writer runs (a thread
+of vLLM's worker, the default; or a process of its own, ``VLLM_LOG_MOE_WRITER=process``).
 ``--sink jsonl --sink parquet`` gives each layer selection one arm per log format (a JSONL
 file, a Parquet directory), run side by side in the same rounds.
 
@@ -221,8 +221,8 @@ class Arm:
     """The layer selection, canonical (``parse_layers``'s spelling)."""
     sink: str = "jsonl"
     """The logged arm's log format: ``jsonl`` or ``parquet``."""
-    writer: str = "process"
-    """Where the logged arm's writer runs (``VLLM_LOG_MOE_WRITER``): ``process`` or ``thread``."""
+    writer: str = "thread"
+    """Where the logged arm's writer runs (``VLLM_LOG_MOE_WRITER``): ``thread`` or ``process``."""
 
     @property
     def slug(self) -> str:
@@ -232,7 +232,7 @@ class Arm:
 
 
 def logged_arms(
-    specs: Sequence[str], sinks: Sequence[str] = ("jsonl",), writers: Sequence[str] = ("process",)
+    specs: Sequence[str], sinks: Sequence[str] = ("jsonl",), writers: Sequence[str] = ("thread",)
 ) -> list[Arm]:
     """One arm per layer selection, sink and writer, in the order given (selections outer); a
     bad or repeated selection is an error."""
@@ -246,7 +246,7 @@ def logged_arms(
         for sink in dict.fromkeys(sinks):
             for writer in dict.fromkeys(writers):
                 suffix = ("" if sink == "jsonl" else f"/{sink}") + (
-                    "" if writer == "process" else f"/{writer}"
+                    "" if writer == "thread" else f"/{writer}"
                 )
                 arms.append(Arm(f"logged[{canonical}]{suffix}", "logged", canonical, sink, writer))
     return arms
@@ -306,16 +306,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--writer",
         dest="writers",
         action="append",
-        choices=("process", "thread"),
+        choices=("thread", "process"),
         help="where the logged arms' writer runs (VLLM_LOG_MOE_WRITER; repeatable like --sink; "
-        "default process)",
+        "default thread)",
     )
     p.add_argument(
         "--only",
         action="append",
         metavar="ARM",
         help="keep only these logged arms of the cross product above, by name (repeatable; "
-        "e.g. --only 'logged[all]/thread')",
+        "e.g. --only 'logged[all]/process')",
     )
     p.add_argument("--naive", action="store_true", help="also time the naive hook (eager)")
     p.add_argument("--enforce-eager", action="store_true", help="baseline and logged eager too")
@@ -326,7 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--pairs must be >= 1")
     try:
         args.arms = logged_arms(
-            args.layers or ["0"], args.sinks or ["jsonl"], args.writers or ["process"]
+            args.layers or ["0"], args.sinks or ["jsonl"], args.writers or ["thread"]
         )
     except LayerSpecError as e:
         p.error(str(e))

@@ -135,14 +135,14 @@ def test_layer_selections_become_named_arms() -> None:
         ("logged[all]/parquet", "parquet"),
     ]
     assert len({a.slug for a in both}) == 2  # their logs do not collide
-    writers = overhead.parse_args(["--layers", "all", "--writer", "process", "--writer", "thread"])
+    writers = overhead.parse_args(["--layers", "all", "--writer", "thread", "--writer", "process"])
     assert [(a.name, a.writer) for a in writers.arms] == [
-        ("logged[all]", "process"),
-        ("logged[all]/thread", "thread"),
+        ("logged[all]", "thread"),
+        ("logged[all]/process", "process"),
     ]
-    crossed = ["--layers", "1", "--layers", "all", "--writer", "process", "--writer", "thread"]
-    picked = overhead.parse_args([*crossed, "--only", "logged[1]", "--only", "logged[all]/thread"])
-    assert [a.name for a in picked.arms] == ["logged[1]", "logged[all]/thread"]
+    crossed = ["--layers", "1", "--layers", "all", "--writer", "thread", "--writer", "process"]
+    picked = overhead.parse_args([*crossed, "--only", "logged[1]", "--only", "logged[all]/process"])
+    assert [a.name for a in picked.arms] == ["logged[1]", "logged[all]/process"]
     with pytest.raises(SystemExit):
         overhead.parse_args(["--layers", "all", "--only", "logged[2]"])
     args = overhead.parse_args(["--layer", "2"])

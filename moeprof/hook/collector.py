@@ -2,10 +2,10 @@
 
 After each real step it snapshots the batch layout, copies the captured rows into the host ring
 (on a GPU: a non-blocking copy into pinned memory, then an event), and hands both to the writer:
-by default a message to the writer process (:mod:`moeprof.hook.writer_process`, the ring in
-shared memory), with ``VLLM_LOG_MOE_WRITER=thread`` a queue of a writer thread in this process
-(:mod:`moeprof.hook.writer`). That is all the model's thread does: no sync, no thread wake-up,
-no formatting, no I/O.
+by default a queue of a writer thread in this process (:mod:`moeprof.hook.writer`), with
+``VLLM_LOG_MOE_WRITER=process`` a message to the writer process
+(:mod:`moeprof.hook.writer_process`, the ring in shared memory). That is all the model's thread
+does: no sync, no thread wake-up, no formatting, no I/O.
 """
 
 from __future__ import annotations

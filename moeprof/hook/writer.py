@@ -1,7 +1,8 @@
 """Turning captured rows into log records, on a background thread, so the engine never waits.
 
-The thread runs in the writer process (:mod:`moeprof.hook.writer_process`, the default), fed
-by the worker's messages, or in vLLM's worker itself (``VLLM_LOG_MOE_WRITER=thread``). The
+The thread runs in vLLM's worker itself (the default), or in the writer process
+(``VLLM_LOG_MOE_WRITER=process``: :mod:`moeprof.hook.writer_process`), fed by the worker's
+messages. The
 model's thread only appends a step (where its rows sit in the host ring, and the batch
 layout) to a queue, without waking anyone. This thread looks at the queue every
 ``IDLE_FLUSH_SEC``; it renders what is queued once the engine is idle, the ring is half full,

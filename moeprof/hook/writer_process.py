@@ -1,4 +1,5 @@
-"""The writer in a process of its own, so that logging never holds the engine's GIL.
+"""The writer in a process of its own (``VLLM_LOG_MOE_WRITER=process``), so that logging never
+holds the engine's GIL and a killed worker loses nothing it handed over.
 
 A writer thread inside the worker (:class:`~moeprof.hook.writer.LogWriter` on its own) shares
 the worker's GIL with vLLM's model thread: every microsecond it spends mapping rows and
@@ -32,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import pickle
@@ -87,10 +89,8 @@ class ProcessWriter:
         self._dead = False
         child_in, to_child = os.pipe()
         from_child, child_out = os.pipe()
-        with contextlib.suppress(OSError):  # F_SETPIPE_SZ; the default size also works
-            import fcntl
-
-            fcntl.fcntl(to_child, 1031, PIPE_BYTES)
+        with contextlib.suppress(OSError):  # the default size also works
+            fcntl.fcntl(to_child, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -129,6 +129,8 @@ class ProcessWriter:
         reply = None if self._dead else self._reply(START_TIMEOUT_SEC)
         if reply is None or reply[0] != "ready":
             self._dead = True
+            if self._proc.poll() is None:  # alive but silent: it will not open the log now
+                self._proc.kill()
             self._proc.wait(5)
             if reply is not None and reply[0] == "refused":
                 raise HookRefusal(reply[1])
