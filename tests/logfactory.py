@@ -288,6 +288,26 @@ def write_parquet_log(
     return path
 
 
+def foreign_parquet_table(routes: Sequence[dict[str, Any]]) -> Any:
+    """``routes`` as another writer might store them in Parquet: variable-length int64 id
+    lists, float64 weights, int64 layer and position, a null phase column, no step; with
+    moeprof's default meta in the key-value metadata."""
+    import pyarrow as pa
+
+    from moeprof.columns import META_KEY
+
+    return pa.table(
+        {
+            "req_id": [r["req_id"] for r in routes],
+            "token_idx": pa.array([r["token_idx"] for r in routes], pa.int64()),
+            "layer": pa.array([r["layer"] for r in routes], pa.int64()),
+            "topk_ids": pa.array([r["topk_ids"] for r in routes], pa.list_(pa.int64())),
+            "topk_weights": pa.array([r["topk_weights"] for r in routes], pa.list_(pa.float64())),
+            "phase": [None] * len(routes),
+        }
+    ).replace_schema_metadata({META_KEY: json.dumps(meta()).encode()})
+
+
 def read_jsonl_log(
     path: Path,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:

@@ -8,16 +8,15 @@ bad rows included.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from logfactory import (
     end_record,
+    foreign_parquet_table,
     meta,
     parquet_twin,
     route,
@@ -28,7 +27,6 @@ from logfactory import (
 )
 from test_parquet_reader import _assert_close
 
-from moeprof import columns
 from moeprof.analysis.accumulate import (
     MAX_COSELECT_EXPERTS,
     ImplausibleExpertIdError,
@@ -262,16 +260,7 @@ def test_other_writers_columns_read_projected_as_in_full(tmp_path: Path) -> None
     no step: the projected read keeps and refuses the rows the full read does."""
     body = sequential_routes({"x": 5, "y": 4}, steps=False)
     body[3] = route("x", 3, ids=[0, 1, 2])  # three ids at top_k=4
-    table = pa.table(
-        {
-            "req_id": [r["req_id"] for r in body],
-            "token_idx": pa.array([r["token_idx"] for r in body], pa.int64()),
-            "layer": pa.array([r["layer"] for r in body], pa.int64()),
-            "topk_ids": pa.array([r["topk_ids"] for r in body], pa.list_(pa.int64())),
-            "topk_weights": pa.array([r["topk_weights"] for r in body], pa.list_(pa.float64())),
-            "phase": [None] * len(body),
-        }
-    ).replace_schema_metadata({columns.META_KEY: json.dumps(meta()).encode()})
+    table = foreign_parquet_table(body)
     path = tmp_path / "f.parquet"
     pq.write_table(table, path)
     full: list[Issue] = []

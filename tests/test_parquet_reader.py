@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from logfactory import (
     end_record,
+    foreign_parquet_table,
     meta,
     parquet_twin,
     route,
@@ -175,16 +176,7 @@ def test_other_writers_columns_read_the_same(tmp_path: Path) -> None:
     body = sequential_routes({"x": 5, "y": 4}, steps=False)
     body[3] = route("x", 3, ids=[0, 1, 2])  # three ids at top_k=4
     jsonl = write_log(tmp_path / "f.jsonl", body)
-    table = pa.table(
-        {
-            "req_id": [r["req_id"] for r in body],
-            "token_idx": pa.array([r["token_idx"] for r in body], pa.int64()),
-            "layer": pa.array([r["layer"] for r in body], pa.int64()),
-            "topk_ids": pa.array([r["topk_ids"] for r in body], pa.list_(pa.int64())),
-            "topk_weights": pa.array([r["topk_weights"] for r in body], pa.list_(pa.float64())),
-            "phase": [None] * len(body),
-        }
-    ).replace_schema_metadata({columns.META_KEY: json.dumps(meta()).encode()})
+    table = foreign_parquet_table(body)
     pq.write_table(table, tmp_path / "f.parquet")
     a, names_a, issues_a = _read_lenient_cols(jsonl)
     b, names_b, issues_b = _read_lenient_cols(tmp_path / "f.parquet")

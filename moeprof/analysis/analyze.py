@@ -142,6 +142,14 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------- several logs
 
 
+def inferred_experts_warning(experts: int) -> str:
+    """What a log without ``num_experts`` in its meta is told when the expert axis is inferred."""
+    return (
+        f"num_experts not in the meta: using max expert id + 1 = {experts} "
+        "(pass --num-experts if some experts were never selected)"
+    )
+
+
 def chosen_layers(text: str | None) -> tuple[int, ...] | None:
     """``--layer``'s text (``12``, ``0,12``, ``0-11,23``, ``all``) -> the layers, None for all.
     UserError for text that is not a layer selection."""
@@ -227,10 +235,7 @@ def analyze_log(
         raise LogError(f"{log.path}: {e}") from e
     if experts is None:
         experts = sums.widest()
-        warnings.append(
-            f"num_experts not in the meta: using max expert id + 1 = {experts} "
-            "(pass --num-experts if some experts were never selected)"
-        )
+        warnings.append(inferred_experts_warning(experts))
     if tally.contamination.suspicious and not exclude_suspect:
         warnings.append(tally.contamination.describe() + " Rerun with --exclude-suspect.")
     elif tally.contamination.degenerate:

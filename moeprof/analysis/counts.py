@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moeprof.analysis.accumulate import PHASE_CODES, ImplausibleExpertIdError, load_statistics
-from moeprof.analysis.analyze import PHASE_NAMES, _resolve_num_experts
+from moeprof.analysis.analyze import PHASE_NAMES, _resolve_num_experts, inferred_experts_warning
 from moeprof.analysis.load_balance import (
     coefficient_of_variation,
     entropy_bits,
@@ -225,10 +225,7 @@ def count_experts(log: LogBase, *, num_experts: int | None = None) -> ExpertCoun
         raise LogError(f"{log.path}: {e}") from e
     if experts is None:
         experts = stats.widest()
-        warnings.append(
-            f"num_experts not in the meta: using max expert id + 1 = {experts} "
-            "(give --num-experts, or num_experts=, if some experts were never selected)"
-        )
+        warnings.append(inferred_experts_warning(experts))
     layers = tuple(log.layers)
     phases: dict[int, np.ndarray] = {}
     routes: dict[int, np.ndarray] = {}
