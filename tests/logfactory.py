@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from moeprof import layout
@@ -321,6 +322,56 @@ def parquet_twin(jsonl: Path, out: Path, *, parts: int = 1) -> Path:
     """The same log as Parquet (see :func:`write_parquet_log`)."""
     head, routes, end = read_jsonl_log(jsonl)
     return write_parquet_log(out, routes, head, end=end, parts=parts)
+
+
+def closed_log(
+    path: Path, routes: Sequence[dict[str, Any]], header: dict[str, Any] | None = None
+) -> Path:
+    """A JSON Lines log of ``routes`` closed cleanly (ending in its :func:`end_record`)."""
+    return write_log(path, [*routes, end_record(len(routes))], header)
+
+
+def twin_logs(
+    directory: Path,
+    routes: Sequence[dict[str, Any]],
+    header: dict[str, Any] | None = None,
+    *,
+    parts: int = 3,
+) -> tuple[Path, Path]:
+    """The same closed log twice: ``directory/routes.jsonl`` (:func:`closed_log`) and
+    ``directory/routes.parquet``, its :func:`parquet_twin` of ``parts`` parts."""
+    jsonl = closed_log(directory / "routes.jsonl", routes, header)
+    return jsonl, parquet_twin(jsonl, directory / "routes.parquet", parts=parts)
+
+
+def bad_routes() -> list[dict[str, Any]]:
+    """Twelve routes of two requests (at the default meta) of which five break one rule
+    each, at 0-based positions 2 (a repeated id), 4 (a layer not logged), 7 (an id beyond
+    num_experts), 9 (a NaN weight) and 10 (a negative token_idx)."""
+    body = sequential_routes({"0": 6, "1": 6})
+    body[2] = route("0", 2, ids=[5, 5, 6, 7], step=2)
+    body[4] = route("0", 4, layer=13, step=4)
+    body[7] = route("1", 1, ids=[1, 2, 3, 99], step=7)
+    body[9] = route("1", 3, weights=[float("nan"), 0.1, 0.1, 0.1], step=9)
+    body[10] = route("1", 4, step=10) | {"token_idx": -1}
+    return body
+
+
+def assert_close(a: Any, b: Any, where: str = "") -> None:
+    """``a == b`` for nested dicts and lists (as JSON reports are), floats up to 1e-6:
+    what differs between two reads of one log that add floats in another order."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, abs=1e-6), where
+    else:
+        assert a == b, where
 
 
 def outputs_file(path: Path, records: Iterable[tuple[str, int, int]]) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 from logfactory import (
-    end_record,
+    closed_log,
     meta,
     route,
     run_cli,
@@ -35,7 +35,7 @@ HEADER = meta(layers_logged=list(LAYERS), moeprof_version="0.1.0")
 
 def _log(path: Path, header: dict = HEADER, seed: int = 0) -> Path:
     body = skewed_routes(n_requests=4, prompt=12, generated=8, layers=LAYERS, seed=seed)
-    return write_log(path, [*body, end_record(len(body))], header)
+    return closed_log(path, body, header)
 
 
 def _assert_counts_are_analyzes(counts: ExpertCounts, log: Path) -> None:

@@ -15,17 +15,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from logfactory import (
-    end_record,
+    assert_close,
+    bad_routes,
     foreign_parquet_table,
     meta,
     parquet_twin,
     route,
     sequential_routes,
     skewed_routes,
+    twin_logs,
     write_log,
     write_parquet_log,
 )
-from test_parquet_reader import _assert_close
 
 from moeprof.analysis.accumulate import (
     MAX_COSELECT_EXPERTS,
@@ -139,8 +140,7 @@ HEADER = meta(layers_logged=list(LAYERS), moeprof_version="0.1.0")
 
 def _twins(tmp_path: Path, header: dict[str, Any] = HEADER) -> tuple[Path, Path]:
     body = skewed_routes(n_requests=5, prompt=16, generated=10, layers=LAYERS)
-    jsonl = write_log(tmp_path / "routes.jsonl", [*body, end_record(len(body))], header)
-    return jsonl, parquet_twin(jsonl, tmp_path / "routes.parquet", parts=3)
+    return twin_logs(tmp_path, body, header, parts=3)
 
 
 def _counts(path: Path | list[Path]) -> dict[tuple[int, int], list[int]]:
@@ -168,7 +168,7 @@ def test_load_statistics_of_parquet_equal_jsonl_and_analyze(tmp_path: Path) -> N
     # std computed as sqrt(E[x^2] - E[x]^2) turns float64 rounding into ~1e-8 when x is
     # near-constant)
     a, b = (_jsonable(analyze_log(p).layers) for p in (jsonl, parquet))
-    _assert_close(a, b)
+    assert_close(a, b)
 
 
 def test_projected_columns_equal_the_full_read(tmp_path: Path) -> None:
@@ -218,18 +218,9 @@ def test_rank_files_load_as_one_run(tmp_path: Path) -> None:
     assert sum(sum(c) for c in got.values()) == 2 * 8 * len(LAYERS) * 4
 
 
-def _bad_body() -> list[dict[str, Any]]:
-    body = sequential_routes({"0": 6, "1": 6})
-    body[2] = route("0", 2, ids=[5, 5, 6, 7], step=2)
-    body[4] = route("0", 4, layer=13, step=4)
-    body[7] = route("1", 1, ids=[1, 2, 3, 99], step=7)
-    body[9] = route("1", 3, weights=[float("nan"), 0.1, 0.1, 0.1], step=9)
-    body[10] = route("1", 4, step=10) | {"token_idx": -1}  # a column load_chunks does not read
-    return body
-
-
 def test_bad_rows_read_projected_give_the_full_reads_errors(tmp_path: Path) -> None:
-    jsonl = write_log(tmp_path / "bad.jsonl", _bad_body())
+    # bad_routes' negative token_idx is in a column load_chunks does not read
+    jsonl = write_log(tmp_path / "bad.jsonl", bad_routes())
     parquet = parquet_twin(jsonl, tmp_path / "bad.parquet", parts=2)
     full: list[Issue] = []
     kept = sum(len(c) for c in open_log(parquet).chunks(full.append))

@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from logfactory import (
+    assert_close,
+    bad_routes,
     end_record,
     foreign_parquet_table,
     meta,
@@ -22,6 +24,7 @@ from logfactory import (
     run_cli,
     sequential_routes,
     skewed_routes,
+    twin_logs,
     write_log,
     write_parquet_log,
 )
@@ -31,10 +34,6 @@ from moeprof.analysis.reader import Issue, RouteChunk, open_log
 
 LAYERS = (3, 7)
 HEADER = meta(layers_logged=list(LAYERS), moeprof_version="0.1.0")
-
-
-def _body() -> list[dict[str, Any]]:
-    return skewed_routes(n_requests=6, prompt=20, generated=12, layers=LAYERS)
 
 
 def _read(path: Path) -> tuple[dict[str, np.ndarray], list[str], list[Issue]]:
@@ -59,9 +58,8 @@ def _without_paths(obj: Any) -> Any:
 @pytest.fixture
 def twins(tmp_path: Path) -> tuple[Path, Path]:
     """The same routes as a JSON Lines log and a Parquet log of three parts, both closed."""
-    body = _body()
-    jsonl = write_log(tmp_path / "routes.jsonl", [*body, end_record(len(body))], HEADER)
-    return jsonl, parquet_twin(jsonl, tmp_path / "routes.parquet", parts=3)
+    body = skewed_routes(n_requests=6, prompt=20, generated=12, layers=LAYERS)
+    return twin_logs(tmp_path, body, HEADER, parts=3)
 
 
 def test_parquet_yields_the_routes_of_the_same_jsonl_log(twins: tuple[Path, Path]) -> None:
@@ -97,22 +95,7 @@ def test_analyze_reports_the_same_for_jsonl_and_parquet(twins: tuple[Path, Path]
         assert code == 0, out
         results.append(json.loads(out))
     # equal up to float rounding: chunk boundaries (parts) change the order of float sums
-    _assert_close(_without_paths(results[0]), _without_paths(results[1]))
-
-
-def _assert_close(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            _assert_close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_close(x, y, f"{where}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, abs=1e-6), where
-    else:
-        assert a == b, where
+    assert_close(_without_paths(results[0]), _without_paths(results[1]))
 
 
 def test_a_single_parquet_file_is_a_log(tmp_path: Path) -> None:
@@ -123,18 +106,8 @@ def test_a_single_parquet_file_is_a_log(tmp_path: Path) -> None:
     assert issues == [] and names == ["a", "b"] and cols["ids"].shape == (7, 4)
 
 
-def _bad_body() -> list[dict[str, Any]]:
-    body = sequential_routes({"0": 6, "1": 6})
-    body[2] = route("0", 2, ids=[5, 5, 6, 7], step=2)
-    body[4] = route("0", 4, layer=13, step=4)
-    body[7] = route("1", 1, ids=[1, 2, 3, 99], step=7)
-    body[9] = route("1", 3, weights=[float("nan"), 0.1, 0.1, 0.1], step=9)
-    body[10] = route("1", 4, step=10) | {"token_idx": -1}
-    return body
-
-
 def test_bad_rows_are_named_by_part_and_row_with_the_jsonl_reasons(tmp_path: Path) -> None:
-    body = _bad_body()
+    body = bad_routes()
     jsonl = write_log(tmp_path / "bad.jsonl", [json.dumps(r) for r in body])
     parquet = parquet_twin(jsonl, tmp_path / "bad.parquet", parts=2)
     _, _, want = _read_lenient(jsonl)
@@ -178,24 +151,14 @@ def test_other_writers_columns_read_the_same(tmp_path: Path) -> None:
     jsonl = write_log(tmp_path / "f.jsonl", body)
     table = foreign_parquet_table(body)
     pq.write_table(table, tmp_path / "f.parquet")
-    a, names_a, issues_a = _read_lenient_cols(jsonl)
-    b, names_b, issues_b = _read_lenient_cols(tmp_path / "f.parquet")
+    a, names_a, issues_a = _read(jsonl)
+    b, names_b, issues_b = _read(tmp_path / "f.parquet")
     assert names_a == names_b
     assert [i.message for i in issues_a] == [i.message for i in issues_b]
     assert [i.row for i in issues_b] == [4]
     for f in ("ids", "layer", "token_idx", "phase", "step", "req"):
         np.testing.assert_array_equal(a[f], b[f], err_msg=f)
     assert a["weights"].tobytes() == b["weights"].tobytes()
-
-
-def _read_lenient_cols(path: Path) -> tuple[dict[str, np.ndarray], list[str], list[Issue]]:
-    log = open_log(path)
-    issues: list[Issue] = []
-    chunks = list(log.chunks(issues.append))
-    cols = {
-        f: np.concatenate([getattr(c, f) for c in chunks]) for f in RouteChunk.__dataclass_fields__
-    }
-    return cols, list(log.req_ids), issues
 
 
 def test_closing_record_of_a_parquet_log(tmp_path: Path) -> None:
@@ -255,7 +218,7 @@ def test_request_codes_follow_first_appearance_whatever_the_dictionary(tmp_path:
         }
     ).replace_schema_metadata({columns.META_KEY: json.dumps(meta()).encode()})
     pq.write_table(table, tmp_path / "order.parquet")
-    cols_read, names, issues = _read_lenient_cols(tmp_path / "order.parquet")
+    cols_read, names, issues = _read(tmp_path / "order.parquet")
     assert issues == [] and names == ["b", "a", "c"]
     np.testing.assert_array_equal(cols_read["req"], [0, 1, 0, 2, 1])
 

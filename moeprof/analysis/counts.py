@@ -24,14 +24,7 @@ import numpy as np
 
 from moeprof.analysis.accumulate import PHASE_CODES, ImplausibleExpertIdError, load_statistics
 from moeprof.analysis.analyze import PHASE_NAMES, _resolve_num_experts, inferred_experts_warning
-from moeprof.analysis.load_balance import (
-    coefficient_of_variation,
-    entropy_bits,
-    entropy_ratio,
-    gini,
-    load_ratios,
-    never_used,
-)
+from moeprof.analysis.load_balance import Balance, balance_of
 from moeprof.analysis.reader import NO_PHASE, Issue, LogBase, LogError
 
 if TYPE_CHECKING:
@@ -46,47 +39,26 @@ in ``analyze``)."""
 
 
 @dataclass(frozen=True)
-class LayerBalance:
-    """How evenly one layer spreads its selections over its experts: the numbers ``analyze``
-    prints for the layer's "all" row, from the same functions
-    (:mod:`moeprof.analysis.load_balance`). NaN where undefined (a layer without routes)."""
+class _Layer:
+    """The fields :class:`LayerBalance` puts before the balance numbers."""
 
     layer: int
     routes: int
     """Route records of the layer (tokens routed at it)."""
-    selections: int
-    """Expert selections: ``top_k * routes``."""
-    cv: float
-    """Population std / mean of the per-expert counts (0 when balanced)."""
-    max_over_mean: float
-    """The hottest expert's count over the mean count (1 when balanced)."""
-    min_over_mean: float
-    """The coldest expert's count over the mean count (1 when balanced)."""
-    gini: float
-    """Gini coefficient of the per-expert counts (0 equal, (E-1)/E all on one expert)."""
-    entropy_bits: float
-    """Shannon entropy of the share of selections per expert, in bits."""
-    entropy_ratio: float
-    """Entropy over its maximum log2(E): 1 balanced, 0 one expert takes everything."""
-    never_used: tuple[int, ...]
-    """Experts no route of the layer selected."""
+
+
+# a dataclass takes its bases' fields in reverse method resolution order: _Layer's come first
+@dataclass(frozen=True)
+class LayerBalance(Balance, _Layer):
+    """How evenly one layer spreads its selections over its experts: ``layer``, ``routes``,
+    then the :class:`~moeprof.analysis.load_balance.Balance` of its counts (the numbers
+    ``analyze`` prints for the layer's "all" row). NaN where undefined (a layer without
+    routes); ``selections`` is ``top_k * routes``."""
 
 
 def layer_balance(layer: int, counts: np.ndarray, routes: int) -> LayerBalance:
     """The :class:`LayerBalance` of one layer's per-expert ``counts`` (length E)."""
-    max_ratio, min_ratio = load_ratios(counts)
-    return LayerBalance(
-        layer=layer,
-        routes=int(routes),
-        selections=int(np.asarray(counts).sum()),
-        cv=coefficient_of_variation(counts),
-        max_over_mean=max_ratio,
-        min_over_mean=min_ratio,
-        gini=gini(counts),
-        entropy_bits=entropy_bits(counts),
-        entropy_ratio=entropy_ratio(counts),
-        never_used=tuple(never_used(counts)),
-    )
+    return LayerBalance(layer=layer, routes=int(routes), **vars(balance_of(counts)))
 
 
 @dataclass(frozen=True, eq=False)

@@ -82,6 +82,46 @@ def never_used(counts: np.ndarray) -> list[int]:
 
 
 @dataclass(frozen=True)
+class Balance:
+    """How evenly one set of per-expert counts (length E) spreads its selections: the numbers
+    ``analyze`` prints for a layer and ``counts`` for each layer, each from the function of this
+    module named for it. NaN where undefined (no selections)."""
+
+    selections: int
+    """Expert selections: ``counts.sum()`` (``k`` per token)."""
+    cv: float
+    """Population std / mean of the per-expert counts (0 when balanced)."""
+    max_over_mean: float
+    """The hottest expert's count over the mean count (1 when balanced)."""
+    min_over_mean: float
+    """The coldest expert's count over the mean count (1 when balanced)."""
+    gini: float
+    """Gini coefficient of the per-expert counts (0 equal, (E-1)/E all on one expert)."""
+    entropy_bits: float
+    """Shannon entropy of the share of selections per expert, in bits."""
+    entropy_ratio: float
+    """Entropy over its maximum log2(E): 1 balanced, 0 one expert takes everything."""
+    never_used: tuple[int, ...]
+    """Experts no token selected."""
+
+
+def balance_of(counts: np.ndarray) -> Balance:
+    """The :class:`Balance` of per-expert ``counts``."""
+    counts = np.asarray(counts)
+    max_ratio, min_ratio = load_ratios(counts)
+    return Balance(
+        selections=int(counts.sum()),
+        cv=coefficient_of_variation(counts),
+        max_over_mean=max_ratio,
+        min_over_mean=min_ratio,
+        gini=gini(counts),
+        entropy_bits=entropy_bits(counts),
+        entropy_ratio=entropy_ratio(counts),
+        never_used=tuple(never_used(counts)),
+    )
+
+
+@dataclass(frozen=True)
 class ExpertShare:
     expert: int
     count: int

@@ -274,13 +274,9 @@ class ParquetLog(LogBase):
     ) -> RouteChunk | None:
         """The valid rows of ``batch`` (its first row numbered ``first``) as a chunk; each bad
         row reported with pydantic's reason."""
-        meta = self.meta
-        assert meta is not None
-        n, k = batch.num_rows, meta.top_k
-        if n == 0:
+        if batch.num_rows == 0:
             return None
-        col = dict(zip(batch.schema.names, batch.columns, strict=True))
-        bad = np.zeros(n, bool)
+        n, k, col, bad = self._columns(batch)
         req = self._request_codes(col["req_id"], bad)
         # each rule is tested on the whole column first (one cheap reduction) and row by row
         # only when it fails somewhere
@@ -288,9 +284,7 @@ class ParquetLog(LogBase):
         if token_idx.min() < 0:
             bad |= token_idx < 0
         layer = self._layers(col["layer"], bad)
-        ids = _lists(col["topk_ids"], k, bad)
-        _check_ids(ids, meta.num_experts, bad)
-        ids = ids.astype(np.int64)
+        ids = self._ids(col, k, bad).astype(np.int64)
         weights = _weights(col["topk_weights"], k, bad).astype(np.float32)
         phase = _phases(col.get("phase"), n, bad)
         step = _steps(col.get("step"), n, bad)
@@ -298,14 +292,7 @@ class ParquetLog(LogBase):
         chunk = RouteChunk(ids, weights, layer, token_idx, phase, step, req, line)
         if not bad.any():
             return chunk
-        for i in np.flatnonzero(bad).tolist():
-            reason = self._row_reason(batch, i)
-            if reason is not None:
-                sink(
-                    Issue(first + i, reason, file=part.label, row=first + i - self._starts[-1] + 1)
-                )
-            else:
-                bad[i] = False
+        self._report_bad(bad, first, part, sink, lambda i: self._row_reason(batch, i))
         return chunk.take(~bad)
 
     def _load_batch(
@@ -313,34 +300,59 @@ class ParquetLog(LogBase):
     ) -> LoadChunk | None:
         """:meth:`_batch` for a batch of the :data:`LOAD_COLUMNS` (and maybe ``topk_weights``):
         the same rules on the columns it has; a bad row's reason from its whole row."""
-        meta = self.meta
-        assert meta is not None
-        n, k = batch.num_rows, meta.top_k
-        if n == 0:
+        if batch.num_rows == 0:
             return None
-        col = dict(zip(batch.schema.names, batch.columns, strict=True))
-        bad = np.zeros(n, bool)
+        n, k, col, bad = self._columns(batch)
         layer = self._layers(col["layer"], bad, widen=False)
-        ids = _lists(col["topk_ids"], k, bad)
-        _check_ids(ids, meta.num_experts, bad)
+        ids = self._ids(col, k, bad)
         arr = col.get("topk_weights")
         weights = None if arr is None else _weights(arr, k, bad).astype(np.float32, copy=False)
         phase = _phases(col.get("phase"), n, bad)
         if bad.any():
-            start = self._starts[-1]
-            for i in np.flatnonzero(bad).tolist():
-                at = first + i - start  # the row in its part, from 0
-                reason = rows.reason(at, self._row_reason)
-                if reason is not None:
-                    sink(Issue(first + i, reason, file=part.label, row=at + 1))
-                else:
-                    bad[i] = False
+            start = self._starts[-1]  # the row in its part, from 0: first + i - start
+            self._report_bad(
+                bad, first, part, sink, lambda i: rows.reason(first + i - start, self._row_reason)
+            )
             keep = ~bad
             layer, phase, ids = layer[keep], phase[keep], ids[keep]
             weights = None if weights is None else weights[keep]
         if ids.dtype.kind != "i":  # unsigned: those beyond int64 were bad rows
             ids = ids.astype(np.int64)
         return LoadChunk(layer, phase, ids, weights)
+
+    def _columns(self, batch: pa.RecordBatch) -> tuple[int, int, dict[str, pa.Array], np.ndarray]:
+        """What :meth:`_batch` and :meth:`_load_batch` start from: the batch's rows, ``top_k``,
+        its columns by name, and a mask of bad rows (none yet)."""
+        assert self.meta is not None
+        n = batch.num_rows
+        col = dict(zip(batch.schema.names, batch.columns, strict=True))
+        return n, self.meta.top_k, col, np.zeros(n, bool)
+
+    def _ids(self, col: dict[str, pa.Array], k: int, bad: np.ndarray) -> np.ndarray:
+        """The ``topk_ids`` column as (n, k) (its stored type); rows breaking the id rules
+        marked ``bad``."""
+        assert self.meta is not None
+        ids = _lists(col["topk_ids"], k, bad)
+        _check_ids(ids, self.meta.num_experts, bad)
+        return ids
+
+    def _report_bad(
+        self,
+        bad: np.ndarray,
+        first: int,
+        part: _Part,
+        sink: IssueSink,
+        reason_of: Callable[[int], str | None],
+    ) -> None:
+        """Report each row ``i`` marked ``bad`` (row ``first + i`` of the log) with
+        ``reason_of(i)``; unmark those it finds valid after all (None)."""
+        start = self._starts[-1]
+        for i in np.flatnonzero(bad).tolist():
+            reason = reason_of(i)
+            if reason is not None:
+                sink(Issue(first + i, reason, file=part.label, row=first + i - start + 1))
+            else:
+                bad[i] = False
 
     def _layers(self, arr: pa.Array, bad: np.ndarray, *, widen: bool = True) -> np.ndarray:
         """The layer column (int64 with ``widen``, else as stored when a signed int); layers

@@ -11,14 +11,9 @@ from moeprof.analysis.accumulate import RoutingAccumulator
 from moeprof.analysis.coselection import PairStat, top_pairs
 from moeprof.analysis.load_balance import (
     ExpertShare,
-    coefficient_of_variation,
+    balance_of,
     distribution,
-    entropy_bits,
-    entropy_ratio,
-    gini,
-    load_ratios,
     max_entropy_bits,
-    never_used,
     top_experts,
 )
 
@@ -40,7 +35,9 @@ class WeightStats:
 
 @dataclass(frozen=True)
 class ExpertStats:
-    """Everything ``analyze`` reports about one stream of routes."""
+    """Everything ``analyze`` reports about one stream of routes. The fields it shares with
+    :class:`~moeprof.analysis.load_balance.Balance` are the stream's balance (``never_used``
+    as a list)."""
 
     tokens: int
     selections: int
@@ -81,25 +78,18 @@ def summarize(acc: RoutingAccumulator, top: int = 3, pairs: int = 5) -> ExpertSt
     """Turn an accumulator into the reported numbers: the ``top`` experts, the ``pairs`` most
     co-selected pairs (None when the co-selection matrix was dropped)."""
     counts = acc.counts
-    max_ratio, min_ratio = load_ratios(counts)
+    balance = balance_of(counts)
     with np.errstate(divide="ignore", invalid="ignore"):
         per_expert = acc.expert_weight_sums / counts
     co = acc.coselection()
     return ExpertStats(
         tokens=acc.tokens,
-        selections=int(counts.sum()),
         num_experts=int(counts.size),
         counts=[int(c) for c in counts],
         distribution=[float(v) for v in distribution(counts)],
         top=top_experts(counts, top),
-        entropy_bits=entropy_bits(counts),
         max_entropy_bits=max_entropy_bits(counts.size),
-        entropy_ratio=entropy_ratio(counts),
-        cv=coefficient_of_variation(counts),
-        max_over_mean=max_ratio,
-        min_over_mean=min_ratio,
-        gini=gini(counts),
-        never_used=never_used(counts),
+        **{**vars(balance), "never_used": list(balance.never_used)},
         weights=weight_stats(acc),
         mean_weight_per_expert=[
             float(v) if c else None for v, c in zip(per_expert, counts, strict=True)
