@@ -31,7 +31,8 @@ counted):
 ``--gil`` measures instead what the writer costs the model's thread through the GIL: a
 stand-in model loop's step time (median, p99) with no writer, then while the writer writes a
 backlog: JSONL with each way of handing the GIL back (rows formatted per slice, ``sleep``
-between slices; the hook uses 64 rows and ``sleep(1e-6)``), then Parquet as the hook writes it.
+between slices; the hook uses ``sinks.FORMAT_CHUNK`` rows and ``sleep(1e-6)``), then Parquet as
+the hook writes it.
 
 Issue 14's target: the Parquet sink at most 0.1 us/route. This is a micro-benchmark: run it
 on a quiet machine for figures to quote.
@@ -278,7 +279,7 @@ def gil_interference(tokens: int, layers: int, directory: Path) -> list[dict[str
     baseline = model_steps(300)
     rows.append({"setting": "no writer", "step_ms": baseline})
     real_chunk, real_pause = sinks.FORMAT_CHUNK, sinks.pause
-    settings = [("jsonl", 64, 1e-6), ("jsonl", 64, 0.0), ("jsonl", 256, 0.0), ("jsonl", 256, 1e-6)]
+    settings = [("jsonl", sinks.FORMAT_CHUNK, 1e-6), ("jsonl", 512, 1e-6), ("jsonl", 8192, 1e-6)]
     settings.append(("parquet", sinks.ARROW_CHUNK, 1e-6))
     for sink, chunk, sleep in settings:
         if sink == "jsonl":

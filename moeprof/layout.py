@@ -1,7 +1,8 @@
 """The hook's route line, byte for byte: the one place that spells a route record.
 
 The hook writes every route line from one %-format, :func:`route_template`, filled many rows at
-a time by :func:`format_routes`::
+a time by :func:`format_routes` (column by column, :mod:`moeprof.route_text`; the plain
+%-format, :func:`format_routes_reference`, is the definition it reproduces byte for byte)::
 
     {"type":"route","req_id":"0","token_idx":7,"layer":12,"topk_ids":[40,48,22,4],
      "topk_weights":[0.1149279,0.1104169,0.08656031,6.181274e-05],"phase":"prefill","step":17}
@@ -14,7 +15,8 @@ cut at its values, so the writer and the parser cannot drift apart. Tests and be
 The keys come in :class:`moeprof.schema.RouteRecord`'s field order; :data:`SPELLING` says how
 each value is written. A new route field is declared in ``RouteRecord`` (where it stands there
 is where it stands in the line), spelled in :data:`SPELLING`, and given its column in
-:func:`format_routes`.
+:func:`format_routes_reference` and in :mod:`moeprof.route_text` (which hands a template with a
+field it does not know to the reference, so the new field is slow but right until then).
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def _cells(template: str) -> tuple[int, tuple[tuple[str, int, int], ...]]:
     return len(fields), tuple(runs)
 
 
-def format_routes(
+def format_routes_reference(
     template: str,
     req_json: Sequence[str] | np.ndarray,
     token_idx: np.ndarray,
@@ -127,15 +129,20 @@ def format_routes(
     layer: np.ndarray | None = None,
     step: np.ndarray | None = None,
 ) -> str:
-    """Many rows of a :func:`route_template` in one %-format call: about 1.5 us a route, none of
-    it per field. ``req_json`` holds each row's request id as JSON text; ``prefill`` each row's
-    phase (True: prefill), None for a template without a phase; ``layer`` and ``step`` each
-    row's layer and engine step (ints), required where the template has a ``%d`` for them
-    (ValueError names the missing column) and ignored where it has none."""
+    """:func:`format_routes` as one %-format call (about 1.5 us a route): the definition of the
+    route text, which :func:`moeprof.route_text.route_bytes` reproduces byte for byte, and what
+    it falls back to for input it does not handle."""
     n = ids.shape[0]
     if n == 0:
         return ""
     w64 = weights.astype(np.float64)
+    finite = bool(np.isfinite(w64).all())
+    if not finite:
+        # Spell non-finite weights as Python's json does, so readers name the problem: each
+        # weight as text, so that nothing else in the line (a request id "info") is touched.
+        template = template.replace(WEIGHT_FORMAT, "%s")
+        w64 = np.array([weight_text(v) for v in w64.ravel().tolist()], dtype=object)
+        w64 = w64.reshape(weights.shape)
     phase = None if prefill is None else _PHASE_BY_FLAG[np.asarray(prefill, bool).view(np.uint8)]
     columns = {
         "req_id": req_json,
@@ -157,11 +164,43 @@ def format_routes(
             cells[:, a] = column
         else:
             cells[:, a:b] = column
-    text = (template * n) % tuple(cells.ravel().tolist())
-    if not np.isfinite(w64).all():
-        # Spell non-finite weights as Python's json does, so readers name the problem.
-        text = text.replace("-inf", "-Infinity").replace("inf", "Infinity").replace("nan", "NaN")
-    return text
+    return (template * n) % tuple(cells.ravel().tolist())
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def weight_text(value: float) -> str:
+    """One weight as the hook writes it: ``WEIGHT_FORMAT``, and a non-finite value as Python's
+    json spells it (``NaN``, ``Infinity``, ``-Infinity``)."""
+    text = WEIGHT_FORMAT % value
+    return _NON_FINITE.get(text, text)
+
+
+def format_routes(
+    template: str,
+    req_json: Sequence[str] | np.ndarray,
+    token_idx: np.ndarray,
+    ids: np.ndarray,
+    weights: np.ndarray,
+    prefill: np.ndarray | None,
+    *,
+    layer: np.ndarray | None = None,
+    step: np.ndarray | None = None,
+) -> str:
+    """Many rows of a :func:`route_template`, filled column by column
+    (:func:`moeprof.route_text.route_bytes`; the same text as :func:`format_routes_reference`).
+    ``req_json`` holds each row's request id as JSON text; ``prefill`` each row's phase (True:
+    prefill), None for a template without a phase; ``layer`` and ``step`` each row's layer and
+    engine step (ints), required where the template has a ``%d`` for them (ValueError names the
+    missing column) and ignored where it has none."""
+    from moeprof.route_text import route_bytes
+
+    args = (template, req_json, token_idx, ids, weights, prefill)
+    try:
+        return route_bytes(*args, layer=layer, step=step).decode()
+    except UnicodeEncodeError:  # an id that is not valid Unicode (a lone surrogate)
+        return format_routes_reference(*args, layer=layer, step=step)
 
 
 @dataclass(frozen=True)

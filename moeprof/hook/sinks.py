@@ -53,10 +53,13 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from moeprof.errors import HookRefusal
-from moeprof.layout import format_routes, route_template
+from moeprof.layout import route_template
+from moeprof.route_text import route_bytes
 
-FORMAT_CHUNK = 64
-"""Routes formatted as JSON between two hand-backs of the GIL (about 0.1 ms of work)."""
+FORMAT_CHUNK = 2048
+"""Routes formatted as JSON between two hand-backs of the GIL (about 1 ms of work, most of it in
+numpy loops that release the GIL; the longest hold is dropping the padding, ~0.3 ms). Smaller
+chunks cost more per route: numpy's per-call overhead (``bench/writer_cost.py``)."""
 PIECE_BYTES = 1 << 16
 """JSONL text is written in pieces of whole lines of at least this size (the last one less)."""
 ARROW_CHUNK = 1 << 15
@@ -166,13 +169,14 @@ class JsonlSink:
             return
         if len(self._json_of) > 4096:  # ids of finished requests: keep the cache small
             self._json_of.clear()
-        seg_json = np.array([self._json(r) for r in cols.seg_req], dtype=object)
+        # the ids' JSON text (ASCII: json.dumps escapes the rest) as bytes, one per route
+        seg_json = np.array([self._json(r) for r in cols.seg_req], dtype="S")
         req_json = np.repeat(seg_json, cols.seg_routes)
-        parts: list[str] = []
+        parts: list[bytes] = []
         size = 0
         for a in range(0, n, FORMAT_CHUNK):
             b = a + FORMAT_CHUNK
-            text = format_routes(
+            raw = route_bytes(
                 self._template,
                 req_json[a:b],
                 cols.token_idx[a:b],
@@ -182,14 +186,14 @@ class JsonlSink:
                 layer=cols.layer[a:b],
                 step=cols.step[a:b],
             )
-            parts.append(text)
-            size += len(text)  # ASCII but for odd request ids: a lower bound on the bytes
+            parts.append(raw)
+            size += len(raw)
             if size >= PIECE_BYTES:
-                self._write_lines("".join(parts))
+                self._write_lines(b"".join(parts))
                 parts, size = [], 0
             pause()
         if parts:
-            self._write_lines("".join(parts))
+            self._write_lines(b"".join(parts))
 
     def _json(self, req: str) -> str:
         text = self._json_of.get(req)
@@ -197,8 +201,7 @@ class JsonlSink:
             text = self._json_of[req] = json.dumps(req)
         return text
 
-    def _write_lines(self, text: str) -> None:
-        raw = text.encode()
+    def _write_lines(self, raw: bytes) -> None:
         self._write_piece(raw)
         self.routes += raw.count(b"\n")
 
