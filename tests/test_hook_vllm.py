@@ -8,6 +8,7 @@ engine each.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -40,12 +41,24 @@ def _read_log(path: Path) -> tuple[dict, list[dict], dict | None]:
     return records[0], records[1:], end
 
 
+def _compiled_artifacts(cache_root: Path) -> dict[str, str]:
+    """vLLM's saved compiled models under ``cache_root`` (path -> sha256 of the file)."""
+    return {
+        str(p.relative_to(cache_root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(cache_root.glob("torch_compile_cache/**/model"))
+    }
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("hook")
     log = tmp / "routes.jsonl"
-    baseline = run_tiny("baseline", tmp, None)
-    logged = run_tiny("logged", tmp, log)
+    # The pair shares a compile cache of its own, as two runs of one user share ~/.cache/vllm.
+    cache = tmp / "vllm-cache"
+    env = {"VLLM_CACHE_ROOT": str(cache)}
+    baseline = run_tiny("baseline", tmp, None, extra_env=env)
+    cached_by_baseline = _compiled_artifacts(cache)
+    logged = run_tiny("logged", tmp, log, extra_env=env)
     meta, routes, end = _read_log(log)
     return {
         "end": end,
@@ -55,6 +68,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "meta": meta,
         "routes": routes,
         "tmp": tmp,
+        "cache": cache,
+        "cached_by_baseline": cached_by_baseline,
     }
 
 
@@ -123,6 +138,18 @@ def test_the_engine_reports_what_logging_cost(runs: dict) -> None:
     (s,) = stats
     assert s["routes"] == len(runs["routes"]) and s["layers"] == len(LAYERS)
     assert s["writer_cpu_sec"] > 0 and s["ring_bytes"] > 0 and s["device_bytes"] > 0
+
+
+def test_a_logged_run_neither_loads_nor_saves_vllms_compiled_model(runs: dict) -> None:
+    """vLLM keys its saved compiled model by config and vLLM's own variables only, so a logged
+    run and a plain one share the key: loading the plain run's graph would drop the capture
+    (nothing logged), and saving a graph with it would hand the capture to plain runs."""
+    cached = runs["cached_by_baseline"]
+    assert cached, "the baseline saved no compiled model: this test would prove nothing"
+    assert _compiled_artifacts(runs["cache"]) == cached  # the logged run saved nothing
+    text = (runs["tmp"] / "logged.txt").read_text()
+    for artifact in cached:  # and did not try to load the baseline's
+        assert artifact.rsplit("/", 2)[0] not in text, text[-3000:]
 
 
 def test_req_ids_are_the_ids_of_the_request_outputs(runs: dict) -> None:

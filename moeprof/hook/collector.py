@@ -147,7 +147,7 @@ class StepCollector:
         writer.device_bytes = capture.nbytes
         logger.info(
             "moeprof: logging MoE layer%s %s of %s to %s (device buffer %.1f MiB, host ring "
-            "%.1f MiB, writer %s)",
+            "%.1f MiB, writer %s; vLLM's compile cache off for this run)",
             "s" if len(layers) > 1 else "",
             format_layers(layers),
             facts.model_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -19,9 +20,22 @@ from typing import Any
 from moeprof.hook import compat, shutdown
 from moeprof.hook.config import HookConfig, load_config
 
+COMPILE_CACHE_OFF = "VLLM_DISABLE_COMPILE_CACHE"
+"""Set to 1 in every process of a logged run, before vLLM reads it.
+
+vLLM saves a compiled model (``torch_compile_cache/torch_aot_compile/<key>``) keyed by its
+config and its own ``VLLM_*`` variables, but not by ``VLLM_LOG_MOE``, and it picks the key
+before Dynamo traces. A logged run and a plain one of the same model therefore share the key:
+a logged run that loaded the plain run's graph would skip the routers' capture (a log of
+stale rows), and a plain run that loaded the logged graph would run the capture. With the
+variable set, a logged run neither loads nor saves a compiled model (it compiles afresh, as
+its first start would anyway), and its key differs from a plain run's.
+"""
+
 
 def install() -> None:
     config = load_config()
+    os.environ[COMPILE_CACHE_OFF] = "1"
     _when_imported(compat.WORKER_MODULE, lambda module: _patch_worker(module, config))
     _when_imported(shutdown.ENGINE_UTILS, shutdown.extend_abort_grace)
 
