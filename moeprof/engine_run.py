@@ -15,6 +15,11 @@ import sys
 import time
 from typing import Any
 
+PASS_GATE = "MOEPROF_PASS_GATE"
+"""A FIFO's path. When set, the engine waits for one byte from it before each timed pass and
+before shutting down, after saying so (``pass_waiting``): a benchmark then runs the passes of
+several live engines one at a time (``bench/overhead_interleaved.py``)."""
+
 
 class _Events:
     def __init__(self, fd: int) -> None:
@@ -57,6 +62,7 @@ def run(spec: dict[str, Any], events: _Events) -> dict[str, Any]:
     params = _sampling_params(spec)
     warmup_outputs = _warm_up(llm, prompts, params, spec.get("warmup", 0), events)
     passes, outputs = _timed_passes(llm, prompts, params, spec["repeat"], events)
+    _wait_for_turn(events, spec["repeat"])
     _shutdown(llm, events)
     return {
         "engine_start_sec": engine_start,
@@ -130,6 +136,7 @@ def _timed_passes(
     passes: list[dict[str, Any]] = []
     outputs: list[dict[str, Any]] = []
     for rep in range(repeat):
+        _wait_for_turn(events, rep)
         events.emit("pass_starting", index=rep, total=repeat)
         t0 = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=bar)
@@ -148,6 +155,18 @@ def _timed_passes(
         outputs.extend(_output_records(results, rep))
         events.emit("pass_done", index=rep, seconds=wall, tokens=gen_toks)
     return passes, outputs
+
+
+def _wait_for_turn(events: _Events, index: int) -> None:
+    """With ``PASS_GATE`` set, wait for the go of whoever runs the engines' passes in turn:
+    before timed pass ``index`` (``index`` = the number of passes: before shutting down)."""
+    gate = os.environ.get(PASS_GATE)
+    if not gate:
+        return
+    events.emit("pass_waiting", index=index)
+    with open(gate, "rb") as fh:  # a FIFO: opening blocks until the parent opens it to write
+        if not fh.read(1):
+            raise SystemExit(f"{PASS_GATE}: {gate} closed without a go")
 
 
 def _shutdown(llm: Any, events: _Events) -> None:

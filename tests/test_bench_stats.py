@@ -150,3 +150,43 @@ def test_layer_selections_become_named_arms() -> None:
     assert [a.name for a in overhead.parse_args([]).arms] == ["logged[0]"]
     args = overhead.parse_args(["--layers", "1", "--layers", "all", "--pairs", "6"])
     assert [a.name for a in args.arms] == ["logged[1]", "logged[all]"] and args.pairs == 6
+
+
+# --- bench/overhead_interleaved.py: the interval over blocks of rounds ----------------------
+
+sys.path.insert(0, str(_PATH.parent))  # overhead_interleaved imports its sibling overhead
+_ispec = importlib.util.spec_from_file_location(
+    "bench_overhead_interleaved", _PATH.with_name("overhead_interleaved.py")
+)
+assert _ispec is not None and _ispec.loader is not None
+interleaved = importlib.util.module_from_spec(_ispec)
+sys.modules["bench_overhead_interleaved"] = interleaved
+_ispec.loader.exec_module(interleaved)
+
+
+def test_one_block_gives_the_plain_bootstrap_interval() -> None:
+    ratios = [0.98, 1.01, 1.02, 1.04, 0.99, 1.07, 1.00, 1.03]
+    plain = overhead.bootstrap_median_ci(ratios, resamples=4000)
+    blocked = interleaved.block_bootstrap_median_ci([ratios], resamples=4000)
+    assert blocked == pytest.approx(plain, abs=0.006)
+
+
+def test_blocks_that_disagree_widen_the_interval_beyond_the_pooled_rounds() -> None:
+    rng = np.random.default_rng(3)
+    # Three blocks whose engines ran at different speeds: within a block the rounds agree.
+    blocks = [list(level + 0.005 * rng.standard_normal(12)) for level in (0.99, 1.02, 1.05)]
+    pooled_lo, pooled_hi = overhead.bootstrap_median_ci([r for b in blocks for r in b])
+    lo, hi = interleaved.block_bootstrap_median_ci(blocks)
+    assert hi - lo > 2 * (pooled_hi - pooled_lo)
+    assert lo <= statistics.median([r for b in blocks for r in b]) <= hi
+
+
+def test_blocked_verdict_needs_the_upper_end_within_the_target() -> None:
+    agree = [[1.00, 1.01, 0.99, 1.00, 1.01, 1.00]] * 3
+    met = interleaved.blocked_ratio_stats(agree, target=1.03)
+    assert met["target_met"] and met["blocks"] == 3 and met["rounds"] == 18
+    assert met["block_medians"] == [pytest.approx(1.0)] * 3
+    spread = [[1.00] * 6, [1.06] * 6, [1.02] * 6]
+    assert not interleaved.blocked_ratio_stats(spread, target=1.03)["target_met"]
+    with pytest.raises(ValueError):
+        interleaved.block_bootstrap_median_ci([[1.0], []])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import threading
 import types
 from pathlib import Path
 from types import SimpleNamespace
@@ -365,3 +367,36 @@ def test_the_engine_gets_the_hooks_settings_and_keeps_vllms_own_moe_variables(
     assert env["VLLM_MOE_USE_DEEP_GEMM"] == "0"
     off = generate.hook_env(None, parse_layers("0"), overwrite=True)
     assert not any(k.startswith("VLLM_LOG_MOE") or k == "VLLM_MOE_LAYER" for k in off)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+
+def test_with_a_pass_gate_each_pass_waits_for_its_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    monkeypatch.setenv(engine_run.PASS_GATE, str(gate))
+    events = _Recorder()
+    waiter = threading.Thread(target=engine_run._wait_for_turn, args=(events, 2))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # held at the gate until the go
+    assert events.events == [("pass_waiting", {"index": 2})]
+    with open(gate, "wb") as fh:
+        fh.write(b"g")
+    waiter.join(5)
+    assert not waiter.is_alive()
+
+
+def test_without_a_pass_gate_passes_do_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(engine_run.PASS_GATE, raising=False)
+    events = _Recorder()
+    engine_run._wait_for_turn(events, 0)
+    assert events.events == []
