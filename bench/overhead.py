@@ -505,13 +505,7 @@ def run_round(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from(args)
-    tmp = None
-    if args.workdir:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="moeprof-bench-")
-        work = Path(tmp.name)
+    work, tmp = open_workdir(args.workdir)
     arms = [Arm("baseline", "baseline"), *args.arms]
     rounds: list[dict[str, Any]] = []
     naive: dict[str, Any] | None = None
@@ -530,10 +524,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = summarise(rounds, naive, settings, args, error)
     print_tables(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
+    return finish(results, args.json, work, tmp)
+
+
+def open_workdir(workdir: Path | None) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    """Where engines write their logs and output: ``workdir`` (kept), or a temporary folder
+    (returned too, removed by :func:`finish` when the run ends without an error)."""
+    if workdir:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return workdir, None
+    tmp = tempfile.TemporaryDirectory(prefix="moeprof-bench-")
+    return Path(tmp.name), tmp
+
+
+def finish(
+    results: dict[str, Any],
+    json_path: Path | None,
+    work: Path,
+    tmp: tempfile.TemporaryDirectory[str] | None,
+) -> int:
+    """Write ``results`` to ``json_path``, remove the temporary work folder unless the run
+    stopped on an error, and return the exit code: 2 on an error, 1 when tokens differ or a
+    log is not valid, else 0."""
+    error = results["error"]
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
     if tmp and error is None:
         tmp.cleanup()
     elif tmp:

@@ -34,11 +34,9 @@ an engine failed (the blocks completed before it are still reported and written)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -417,13 +415,7 @@ def print_table(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = overhead.settings_from(args)
-    tmp = None
-    if args.workdir:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="moeprof-bench-")
-        work = Path(tmp.name)
+    work, tmp = overhead.open_workdir(args.workdir)
     arms = [overhead.Arm("baseline", "baseline"), *args.arms]
     blocks: list[dict[str, Any]] = []
     error = None
@@ -438,17 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = summarise(blocks, settings, args, error)
     print_table(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
-    if tmp and error is None:
-        tmp.cleanup()
-    elif tmp:
-        console.print(f"[dim]engine output kept in {work}[/]")
-    if error is not None:
-        return 2
-    return 0 if results["identical_tokens"] and results["logs_valid"] else 1
+    return overhead.finish(results, args.json, work, tmp)
 
 
 if __name__ == "__main__":
