@@ -260,8 +260,8 @@ def naive_layer(arms: Sequence[Arm]) -> int | None:
     return None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_workload_options(p: argparse.ArgumentParser) -> None:
+    """The model and prompts every engine of a run gets (shared with overhead_interleaved.py)."""
     p.add_argument("--model", default="tiny", help="'tiny', a local folder or a hub id")
     p.add_argument("--load-format", default="auto", help="'dummy' for random weights")
     p.add_argument("--dtype", default="auto")
@@ -269,6 +269,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gsm8k", type=Path, default=SHARED_GSM8K, help="local GSM8K JSONL")
     p.add_argument("--token-prompts", type=Path, help="JSON list of token-id lists (no tokenizer)")
     p.add_argument("--max-tokens", type=int, default=128)
+
+
+def add_arm_options(p: argparse.ArgumentParser) -> None:
+    """Which logged arms run (shared with overhead_interleaved.py); :func:`arms_from` reads
+    them."""
     p.add_argument(
         "--layers",
         dest="layers",
@@ -278,21 +283,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--layer", dest="layers", action="append", metavar="SPEC", help="alias of --layers"
-    )
-    p.add_argument(
-        "--pairs",
-        type=int,
-        default=3,
-        metavar="ROUNDS",
-        help="rounds: each runs every arm once in a fresh engine, order rotated per round",
-    )
-    p.add_argument("--repeat", type=int, default=3, help="timed passes per engine")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes per engine")
-    p.add_argument(
-        "--target",
-        type=float,
-        default=1.03,
-        help="met when the upper end of the 95%% interval of the median ratio is <= this",
     )
     p.add_argument(
         "--sink",
@@ -317,6 +307,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep only these logged arms of the cross product above, by name (repeatable; "
         "e.g. --only 'logged[all]/process')",
     )
+
+
+def arms_from(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Arm]:
+    """The logged arms :func:`add_arm_options`' options name; a bad option is ``p.error``."""
+    try:
+        arms = logged_arms(
+            args.layers or ["0"], args.sinks or ["jsonl"], args.writers or ["thread"]
+        )
+    except LayerSpecError as e:
+        p.error(str(e))
+    if args.only:
+        names = [a.name for a in arms]
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            p.error(f"--only {unknown[0]!r}: not an arm of these options ({', '.join(names)})")
+        arms = [a for a in arms if a.name in args.only]
+    return arms
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_workload_options(p)
+    add_arm_options(p)
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=3,
+        metavar="ROUNDS",
+        help="rounds: each runs every arm once in a fresh engine, order rotated per round",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="timed passes per engine")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes per engine")
+    p.add_argument(
+        "--target",
+        type=float,
+        default=1.03,
+        help="met when the upper end of the 95%% interval of the median ratio is <= this",
+    )
     p.add_argument("--naive", action="store_true", help="also time the naive hook (eager)")
     p.add_argument("--enforce-eager", action="store_true", help="baseline and logged eager too")
     p.add_argument("--workdir", type=Path, help="keep logs and engine output here")
@@ -324,18 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.pairs < 1:
         p.error("--pairs must be >= 1")
-    try:
-        args.arms = logged_arms(
-            args.layers or ["0"], args.sinks or ["jsonl"], args.writers or ["thread"]
-        )
-    except LayerSpecError as e:
-        p.error(str(e))
-    if args.only:
-        names = [a.name for a in args.arms]
-        unknown = [n for n in args.only if n not in names]
-        if unknown:
-            p.error(f"--only {unknown[0]!r}: not an arm of these options ({', '.join(names)})")
-        args.arms = [a for a in args.arms if a.name in args.only]
+    args.arms = arms_from(p, args)
     args.naive_layer = naive_layer(args.arms)
     if args.naive and args.naive_layer is None:
         p.error("--naive logs one layer: give at least one single-index --layers (e.g. 1)")

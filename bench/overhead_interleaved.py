@@ -51,7 +51,6 @@ from rich.table import Table
 from moeprof import generate
 from moeprof.engine_run import PASS_GATE
 from moeprof.errors import UserError
-from moeprof.layers import LayerSpecError
 
 console = overhead.console
 
@@ -278,21 +277,8 @@ def run_block(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny', a local folder or a hub id")
-    p.add_argument("--load-format", default="auto", help="'dummy' for random weights")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--prompts", type=int, default=25, help="first N GSM8K test questions")
-    p.add_argument("--gsm8k", type=Path, default=overhead.SHARED_GSM8K, help="local GSM8K JSONL")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument(
-        "--layers",
-        action="append",
-        metavar="SPEC",
-        help="one logged arm per selection: 12, 0,2, 0-3 or all (repeatable; default: 0)",
-    )
-    p.add_argument("--sink", dest="sinks", action="append", choices=("jsonl", "parquet"))
-    p.add_argument("--writer", dest="writers", action="append", choices=("thread", "process"))
-    p.add_argument("--only", action="append", metavar="ARM", help="keep only these logged arms")
+    overhead.add_workload_options(p)
+    overhead.add_arm_options(p)
     p.add_argument("--blocks", type=int, default=1, help="fresh sets of engines, one after another")
     p.add_argument("--rounds", type=int, default=6, help="rounds (one pass of every arm) a block")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per engine")
@@ -306,19 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--blocks and --rounds must be >= 1")
     if args.gap < 0:
         p.error("--gap must be >= 0")
-    try:
-        args.arms = overhead.logged_arms(
-            args.layers or ["0"], args.sinks or ["jsonl"], args.writers or ["thread"]
-        )
-    except LayerSpecError as e:
-        p.error(str(e))
-    if args.only:
-        names = [a.name for a in args.arms]
-        unknown = [n for n in args.only if n not in names]
-        if unknown:
-            p.error(f"--only {unknown[0]!r}: not an arm of these options ({', '.join(names)})")
-        args.arms = [a for a in args.arms if a.name in args.only]
-    args.token_prompts = None
+    args.arms = overhead.arms_from(p, args)
     args.repeat = args.rounds
     return args
 

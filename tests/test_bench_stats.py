@@ -190,3 +190,33 @@ def test_blocked_verdict_needs_the_upper_end_within_the_target() -> None:
     assert not interleaved.blocked_ratio_stats(spread, target=1.03)["target_met"]
     with pytest.raises(ValueError):
         interleaved.block_bootstrap_median_ci([[1.0], []])
+
+
+# --- both overhead scripts: one set of arm options ---------------------------------------
+
+
+@pytest.mark.parametrize("script", [overhead, interleaved], ids=["overhead", "interleaved"])
+def test_both_overhead_scripts_build_the_same_arms_from_the_same_options(script) -> None:
+    args = script.parse_args(
+        [
+            *("--layers", "1", "--layer", "all", "--sink", "parquet", "--writer", "process"),
+            *("--only", "logged[all]/parquet/process", "--only", "logged[1]/parquet/process"),
+        ]
+    )
+    assert [a.name for a in args.arms] == [
+        "logged[1]/parquet/process",
+        "logged[all]/parquet/process",
+    ]
+    assert {(a.layers, a.sink, a.writer) for a in args.arms} == {
+        ("1", "parquet", "process"),
+        ("all", "parquet", "process"),
+    }
+
+
+@pytest.mark.parametrize("script", [overhead, interleaved], ids=["overhead", "interleaved"])
+def test_an_unknown_only_arm_is_refused_by_name(script, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(["--layers", "all", "--only", "logged[2]"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--only 'logged[2]': not an arm of these options (logged[all])" in err
