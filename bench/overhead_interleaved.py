@@ -119,6 +119,17 @@ def blocked_ratio_stats(
 # --- one block: live engines, passes in turn ---------------------------------------------
 
 
+def refuse_at_gate(gate: Path) -> bool:
+    """Close a pass gate without a go, so that the engine waiting there exits; False when no
+    engine waits there now."""
+    try:
+        fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: nobody has the FIFO open to read
+        return False
+    os.close(fd)
+    return True
+
+
 class LiveEngine:
     """One arm's engine in its own process (``generate.run_engine`` on a thread), held at a
     FIFO before each timed pass and before its shutdown."""
@@ -195,6 +206,17 @@ class LiveEngine:
                 self._cv.wait(1.0)
             return self._done[index]
 
+    def abandon(self, timeout: float = 300.0) -> None:
+        """Have the engine exit without its remaining passes (another engine of the block
+        failed): each time it waits at its gate, the gate closes without a go, and
+        ``moeprof.engine_run`` exits. Gives up after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if not refuse_at_gate(self.gate):
+                self._thread.join(0.5)  # not at the gate yet (starting, or in a pass)
+                continue
+            self._thread.join(5)
+
     def finish(self, passes: int) -> dict[str, Any]:
         """Let the engine shut down (after its ``passes`` timed passes); its result."""
         self.wait_until_waiting(passes)
@@ -219,6 +241,20 @@ def run_block(
     console.print(f"[dim]block {block}: starting {len(engines)} engines side by side[/]")
     for e in engines.values():
         e.start()
+    try:
+        return _run_rounds(block, arms, engines, args)
+    except BaseException:  # one engine failed (or Ctrl-C): the others must not wait forever
+        for e in engines.values():
+            e.abandon()
+        raise
+
+
+def _run_rounds(
+    block: int,
+    arms: Sequence[overhead.Arm],
+    engines: dict[str, LiveEngine],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     for e in engines.values():
         e.wait_until_waiting(0)
     names = [a.name for a in arms]

@@ -4,8 +4,11 @@ ratio and its verdict, and reading the hook's stats line out of an engine's outp
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +223,39 @@ def test_an_unknown_only_arm_is_refused_by_name(script, capsys) -> None:
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--only 'logged[2]': not an arm of these options (logged[all])" in err
+
+
+# --- bench/overhead_interleaved.py: a failed block lets its other engines go ------------------
+
+
+def test_an_engine_refused_at_its_gate_exits_instead_of_waiting(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from moeprof import engine_run
+
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    assert not interleaved.refuse_at_gate(gate)  # nobody waits there yet
+    monkeypatch.setenv(engine_run.PASS_GATE, str(gate))
+    exits: list[BaseException] = []
+
+    def engine_at_gate() -> None:
+        try:
+            engine_run._wait_for_turn(_NoEvents(), 3)
+        except SystemExit as e:
+            exits.append(e)
+
+    waiter = threading.Thread(target=engine_at_gate)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not interleaved.refuse_at_gate(gate):
+        assert time.monotonic() < deadline, "the engine never reached its gate"
+        time.sleep(0.05)
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert len(exits) == 1 and "closed without a go" in str(exits[0])
+
+
+class _NoEvents:
+    def emit(self, event: str, **fields: object) -> None:
+        pass
