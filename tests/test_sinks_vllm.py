@@ -28,6 +28,7 @@ from tiny_engine import PROMPTS, run_tiny
 
 from moeprof import generate
 from moeprof.analysis.reader import open_log
+from moeprof.analysis.validate import validate_log
 from moeprof.columns import END_KEY, META_KEY
 from moeprof.export import export
 from moeprof.hook.sinks import part_names
@@ -67,11 +68,17 @@ def _parquet_table(path: Path) -> dict[str, list]:
 def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("sinks")
     jsonl, parquet = tmp / "routes.jsonl", tmp / "routes.parquet"
+    by_process = tmp / "process.jsonl"
     return {
         "jsonl": jsonl,
         "parquet": parquet,
+        "by_process": by_process,
         "jsonl_run": _run("jsonl", tmp, jsonl, PROMPTS, 12, **SAME_SCHEDULE),
         "parquet_run": _run("parquet", tmp, parquet, PROMPTS, 12, **SAME_SCHEDULE),
+        # the engine core in its own process, as users run it: vLLM then pins the CPU
+        # worker's compute core (and the writer process must leave it)
+        "process_run": _run("process", tmp, by_process, PROMPTS, 12, VLLM_LOG_MOE_WRITER="process"),
+        "process_output": tmp / "process.txt",
     }
 
 
@@ -111,6 +118,19 @@ def test_the_parquet_log_exported_to_jsonl_is_the_jsonl_log_line_for_line(
     for a, b in ((ours[0], theirs[0]), (ours[-1], theirs[-1])):
         x, y = json.loads(a), json.loads(b)
         assert {**x, "created": 0, "closed": 0} == {**y, "created": 0, "closed": 0}
+
+
+def test_the_writer_process_logs_a_real_engine_exactly(pair: dict, tmp_path: Path) -> None:
+    """``VLLM_LOG_MOE_WRITER=process`` on vLLM's CPU worker, which pins its compute core and
+    hands the writer process OpenMP's pinning variables: the writer starts (in the worker's
+    session, off that core) and the log is exact."""
+    result, log = pair["process_run"], pair["by_process"]
+    outputs = tmp_path / "outputs.jsonl"
+    generate.write_outputs(outputs, result)
+    report = validate_log(log, outputs=outputs)
+    assert report.valid and report.complete, report
+    assert report.routes == _expected_routes(result)
+    assert "(moeprof-writer pid=" in pair["process_output"].read_text()  # it was the process
 
 
 def test_both_logs_end_with_the_same_closing_record(pair: dict) -> None:

@@ -3,6 +3,7 @@ writer thread, a full ring, a refused path, Ctrl-C, and real kills of either sid
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +21,7 @@ from test_hook_sinks import LAYERS, META, TOP_K, Feed, _jsonl, _parquet_routes, 
 import moeprof
 from moeprof.columns import META_KEY
 from moeprof.errors import HookRefusal
+from moeprof.hook import writer_process
 from moeprof.hook.ring import HostRing
 from moeprof.hook.rows import StepBatch
 from moeprof.hook.sinks import part_names
@@ -222,3 +225,107 @@ def test_a_step_whose_copy_is_still_running_reaches_the_log_when_the_engine_goes
     assert event.done
     assert [r["token_idx"] for r in routes if r["step"] == 1] == [3, 3, 3, 3]
     p.close()
+
+
+# --- starting the writer process on a busy machine (issue #11's bench) ----------------------
+
+
+def test_a_writer_process_that_never_answers_is_refused_in_one_line_and_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen for real: with three engines starting side by side on two cores, the writer process
+    got no CPU for over 60 s, and the worker failed with a traceback of
+    ``subprocess.TimeoutExpired`` instead of the hook's one line. Here the child gets no CPU at
+    all (a real SIGSTOP right after it starts): the worker refuses with one line naming the
+    log and the wait, and the child is killed, not left behind."""
+    started: list[subprocess.Popen] = []
+
+    class StoppedChild(subprocess.Popen):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            os.kill(self.pid, signal.SIGSTOP)
+            started.append(self)
+
+    monkeypatch.setattr(writer_process.subprocess, "Popen", StoppedChild)
+    monkeypatch.setattr(writer_process, "START_TIMEOUT_SEC", 1.0)
+    log = tmp_path / "routes.jsonl"
+    with pytest.raises(HookRefusal) as refusal:
+        _process_writer(log)
+    assert refusal.value.reason == (
+        f"moeprof's writer process did not open {log} within 1 s (the machine may be "
+        "overloaded); it was stopped"
+    )
+    (child,) = started
+    assert child.wait(10) == -signal.SIGKILL
+    assert not log.exists()
+
+
+def test_the_writer_process_runs_the_workers_moeprof_not_one_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m`` puts the working directory first on the child's path: run from a folder
+    holding another moeprof (a checkout of another version, here a broken one), the writer
+    process imported that one and failed, or ran other code than the worker's."""
+    elsewhere = tmp_path / "checkout"
+    (elsewhere / "moeprof").mkdir(parents=True)
+    (elsewhere / "moeprof" / "__init__.py").write_text("raise ImportError('the wrong moeprof')\n")
+    monkeypatch.chdir(elsewhere)
+    log = tmp_path / "routes.jsonl"
+    p = _process_writer(log)
+    Feed(p).workload(decode_steps=2)
+    p.close()
+    _, routes, end = _jsonl(log)
+    assert end is not None and end["routes"] == len(routes) == 4 * 5 * len(LAYERS)
+
+
+_PINNED_WORKER = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+os.sched_setaffinity(0, {0})  # as vLLM's CPU worker pins its compute core
+from test_writer_process import _process_writer
+p = _process_writer(Path(sys.argv[1]))
+child = p._proc.pid
+threads = {
+    t: open(f"/proc/{child}/task/{t}/status").read().split("Cpus_allowed_list:")[1].split()[0]
+    for t in os.listdir(f"/proc/{child}/task")
+}
+print(json.dumps({
+    "threads": threads,
+    "same_session": os.getsid(child) == os.getsid(0),
+    "own_group": os.getpgid(child) != os.getpgid(0),
+}))
+p.close()
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a second CPU to move the writer to")
+def test_the_writer_process_runs_off_a_pinned_workers_core_in_the_workers_session(
+    tmp_path: Path,
+) -> None:
+    """The worker moves the writer process off its compute core the moment it starts, and
+    OpenMP's pinning variables, which vLLM sets for its CPU workers with libgomp preloaded, do
+    not pin it back as it loads (seen: ``GOMP_CPU_AFFINITY=0`` put it on the worker's core).
+    It stays in the worker's session: a session of its own is a scheduler autogroup of its own,
+    which Linux starved there for over 60 s. Its own process group keeps Ctrl-C away."""
+    script = tmp_path / "worker.py"
+    script.write_text(_PINNED_WORKER)
+    env = dict(os.environ, GOMP_CPU_AFFINITY="0", OMP_PROC_BIND="true", OMP_PLACES="{0}")
+    torch_spec = importlib.util.find_spec("torch")
+    gomp = Path(torch_spec.origin).parent / "lib" / "libgomp.so.1" if torch_spec else None
+    if gomp is not None and gomp.exists():
+        env["LD_PRELOAD"] = str(gomp)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "routes.jsonl"), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    last = (os.cpu_count() or 2) - 1
+    expected = "1" if last == 1 else f"1-{last}"  # every CPU but the worker's
+    assert set(seen["threads"].values()) == {expected}, seen["threads"]
+    assert len(seen["threads"]) >= 2  # the writer thread too, not only the main one
+    assert seen["same_session"] and seen["own_group"]

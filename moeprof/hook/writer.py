@@ -63,13 +63,15 @@ FLUSH_ROUTES = 1 << 16
 """Routes mapped and handed to the sink per piece when a flush has more."""
 
 
-def leave_compute_cores() -> None:
-    """Move the calling thread onto CPUs its process is not bound to, if there are any.
+def leave_compute_cores(pid: int = 0) -> None:
+    """Move a thread or process (``pid``; 0: the calling thread) onto the CPUs the calling
+    thread is not bound to, if there are any.
 
     vLLM's CPU backend pins each worker process to the cores of its OpenMP compute threads
     (and keeps others free for the engine's own processes); a thread started in the worker
     inherits that pin, so without this the writer would format on the very core the model
-    runs on. Where the process is not pinned (GPU workers) nothing changes.
+    runs on. The writer process inherits it too: the worker moves it the moment it starts.
+    Where the worker is not pinned (GPU workers) nothing changes.
     """
     if not hasattr(os, "sched_setaffinity"):
         return
@@ -77,7 +79,7 @@ def leave_compute_cores() -> None:
         pinned = os.sched_getaffinity(0)
         others = set(range(os.cpu_count() or 0)) - pinned
         if others:
-            os.sched_setaffinity(0, others)  # 0: on Linux, the calling thread only
+            os.sched_setaffinity(pid, others)  # on Linux, pid 0 is the calling thread only
 
 
 class StepItem(NamedTuple):

@@ -23,6 +23,10 @@ Invariants:
       (``query``, without blocking), and a small thread of the worker sends what is left
       within :data:`PENDING_SEC` when the engine goes idle (it waits on the event, with the
       GIL released).
+    - The child runs in the worker's session but in a process group of its own, on the cores
+      the worker is not pinned to (moved there the moment it starts, with OpenMP's pinning
+      variables left out of its environment), and imports the worker's moeprof whatever the
+      working directory holds.
     - The child ignores SIGINT and SIGTERM (Ctrl-C reaches a whole process group; vLLM stops
       its workers with SIGTERM) and lives until the worker closes the log or goes away. When
       the worker dies without closing (SIGKILL), the child still writes every step it was
@@ -55,6 +59,10 @@ logger = logging.getLogger("vllm.moeprof")
 
 START_TIMEOUT_SEC = 60.0
 """How long the worker waits for the writer process to open the log."""
+PINNING_ENV = frozenset(("GOMP_CPU_AFFINITY", "KMP_AFFINITY", "OMP_PLACES", "OMP_PROC_BIND"))
+"""OpenMP's pinning variables, which vLLM's CPU backend sets for its workers (with libgomp in
+``LD_PRELOAD``): left out of the writer process's environment, or libgomp would pin it back
+onto the worker's compute core as it loads."""
 PIPE_BYTES = 1 << 20
 """The pipe's buffer (Linux's default is 64 KiB): a burst of steps never blocks the worker."""
 PENDING_SEC = 0.05
@@ -92,8 +100,11 @@ class ProcessWriter:
         with contextlib.suppress(OSError):  # the default size also works
             fcntl.fcntl(to_child, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in PINNING_ENV}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # ``-m`` would put the working directory first on sys.path (before PYTHONPATH): a
+        # moeprof checkout there would be the child's moeprof, not the worker's
+        env["PYTHONSAFEPATH"] = "1"
         try:
             self._proc = subprocess.Popen(
                 [
@@ -106,11 +117,16 @@ class ProcessWriter:
                 pass_fds=(child_in, child_out, ring.fd),
                 stdin=subprocess.DEVNULL,
                 env=env,
-                start_new_session=True,  # out of the terminal's process group: no Ctrl-C
+                # Out of the terminal's process group (no Ctrl-C), but in the worker's session:
+                # a process in a session of its own is in a scheduler autogroup of its own,
+                # which Linux starved on the worker's busy core for over 60 s while other
+                # engines compiled (issue #11's bench: the writer never answered).
+                process_group=0,
             )
         finally:
             os.close(child_in)
             os.close(child_out)
+        leave_compute_cores(self._proc.pid)  # from its first instant, not after its imports
         self._send_conn = Connection(to_child, readable=False)
         self._recv_conn = Connection(from_child, writable=False)
         self._send(
@@ -129,11 +145,18 @@ class ProcessWriter:
         reply = None if self._dead else self._reply(START_TIMEOUT_SEC)
         if reply is None or reply[0] != "ready":
             self._dead = True
-            if self._proc.poll() is None:  # alive but silent: it will not open the log now
+            silent = self._proc.poll() is None
+            if silent:  # alive but silent: it will not open the log now
                 self._proc.kill()
-            self._proc.wait(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reaped later if not now
+                self._proc.wait(5)
             if reply is not None and reply[0] == "refused":
                 raise HookRefusal(reply[1])
+            if silent:
+                raise HookRefusal(
+                    f"moeprof's writer process did not open {path} within "
+                    f"{START_TIMEOUT_SEC:.0f} s (the machine may be overloaded); it was stopped"
+                )
             raise HookRefusal(
                 f"moeprof's writer process exited before it opened {path} "
                 f"(exit code {self._proc.returncode}); see its lines above"
@@ -333,8 +356,7 @@ def serve(conn_in: Connection, conn_out: Connection) -> int:
 def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    _log_to_stderr()
-    leave_compute_cores()
+    _log_to_stderr()  # the worker has moved this process off its compute cores already
     conn_in = Connection(int(argv[0]), writable=False)
     conn_out = Connection(int(argv[1]), readable=False)
     return serve(conn_in, conn_out)
