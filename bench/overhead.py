@@ -223,19 +223,41 @@ class Arm:
     """The logged arm's log format: ``jsonl`` or ``parquet``."""
     writer: str = "thread"
     """Where the logged arm's writer runs (``VLLM_LOG_MOE_WRITER``): ``thread`` or ``process``."""
+    hook_from: Path | None = None
+    """A moeprof source tree whose package the arm's engine imports instead of this one (put
+    first on its ``PYTHONPATH``): the hook of another version, side by side (``--hook-from``)."""
 
     @property
     def slug(self) -> str:
         if self.layers is None:
             return self.kind
-        return f"{self.kind}-{re.sub(r'[^0-9a-z]+', '_', self.layers)}-{self.sink}-{self.writer}"
+        slug = f"{self.kind}-{re.sub(r'[^0-9a-z]+', '_', self.layers)}-{self.sink}-{self.writer}"
+        if self.hook_from is not None:
+            slug += "-at-" + re.sub(r"[^0-9A-Za-z]+", "_", self.hook_from.name)
+        return slug
+
+    def env(self) -> dict[str, str]:
+        """What a logged arm's engine gets in its environment besides the log path."""
+        env = {"VLLM_LOG_MOE_WRITER": self.writer}
+        if self.hook_from is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(self.hook_from), os.environ.get("PYTHONPATH", "")) if p
+            )
+            # ``python -m moeprof.engine_run`` would put the working directory (often another
+            # moeprof checkout) before PYTHONPATH; vLLM's processes inherit the engine's path
+            env["PYTHONSAFEPATH"] = "1"
+        return env
 
 
 def logged_arms(
-    specs: Sequence[str], sinks: Sequence[str] = ("jsonl",), writers: Sequence[str] = ("thread",)
+    specs: Sequence[str],
+    sinks: Sequence[str] = ("jsonl",),
+    writers: Sequence[str] = ("thread",),
+    hooks_from: Sequence[Path] = (),
 ) -> list[Arm]:
-    """One arm per layer selection, sink and writer, in the order given (selections outer); a
-    bad or repeated selection is an error."""
+    """One arm per layer selection, sink and writer, in the order given (selections outer),
+    and for each a twin per tree of ``hooks_from`` (named ``...@TREE``, the tree's folder
+    name); a bad or repeated selection is an error."""
     arms: list[Arm] = []
     canonicals: list[str] = []
     for spec in specs:
@@ -248,7 +270,10 @@ def logged_arms(
                 suffix = ("" if sink == "jsonl" else f"/{sink}") + (
                     "" if writer == "thread" else f"/{writer}"
                 )
-                arms.append(Arm(f"logged[{canonical}]{suffix}", "logged", canonical, sink, writer))
+                name = f"logged[{canonical}]{suffix}"
+                arms.append(Arm(name, "logged", canonical, sink, writer))
+                for tree in hooks_from:
+                    arms.append(Arm(f"{name}@{tree.name}", "logged", canonical, sink, writer, tree))
     return arms
 
 
@@ -301,6 +326,15 @@ def add_arm_options(p: argparse.ArgumentParser) -> None:
         "default thread)",
     )
     p.add_argument(
+        "--hook-from",
+        dest="hooks_from",
+        action="append",
+        type=_moeprof_tree,
+        metavar="DIR",
+        help="also run every logged arm with the hook of the moeprof source tree DIR (e.g. a "
+        "'git worktree' of an earlier commit), as arms named ARM@DIRNAME (repeatable)",
+    )
+    p.add_argument(
         "--only",
         action="append",
         metavar="ARM",
@@ -309,11 +343,22 @@ def add_arm_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _moeprof_tree(text: str) -> Path:
+    """``--hook-from``'s folder: one that holds a moeprof package."""
+    tree = Path(text).expanduser().absolute()
+    if not (tree / "moeprof" / "hook" / "plugin.py").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no moeprof/hook/plugin.py in it")
+    return tree
+
+
 def arms_from(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Arm]:
     """The logged arms :func:`add_arm_options`' options name; a bad option is ``p.error``."""
     try:
         arms = logged_arms(
-            args.layers or ["0"], args.sinks or ["jsonl"], args.writers or ["thread"]
+            args.layers or ["0"],
+            args.sinks or ["jsonl"],
+            args.writers or ["thread"],
+            args.hooks_from or [],
         )
     except LayerSpecError as e:
         p.error(str(e))
@@ -407,9 +452,7 @@ def run_arm(
             }
         )
     if arm.kind == "logged":
-        s = generate.Settings(
-            **{**settings.__dict__, "extra_env": {"VLLM_LOG_MOE_WRITER": arm.writer}}
-        )
+        s = generate.Settings(**{**settings.__dict__, "extra_env": arm.env()})
     vllm_log = work / f"{stem}.vllm.txt"
     console.print(f"[dim]round {index}, {escape(arm.name)}: starting engine[/]")
     result = generate.run_engine(
@@ -587,6 +630,7 @@ def summarise(
     layers_of = {a.name: a.layers for a in args.arms}
     sink_of = {a.name: a.sink for a in args.arms}
     writer_of = {a.name: a.writer for a in args.arms}
+    hook_of = {a.name: a.hook_from and str(a.hook_from) for a in args.arms}
     names = ["baseline", *layers_of]
     base_walls = [r["wall_time_sec"]["baseline"] for r in rounds]
     arms: dict[str, dict[str, Any]] = {}
@@ -601,6 +645,7 @@ def summarise(
             "layers": layers_of[name],
             "sink": sink_of[name],
             "writer": writer_of[name],
+            "hook_from": hook_of[name],
             "ratio_vs_baseline": stats,
             "overhead_pct_median": (stats["median"] - 1) * 100,
             "target_met": stats["target_met"],

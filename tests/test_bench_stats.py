@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import statistics
 import sys
 import threading
@@ -225,6 +226,26 @@ def test_an_unknown_only_arm_is_refused_by_name(script, capsys) -> None:
     assert "--only 'logged[2]': not an arm of these options (logged[all])" in err
 
 
+@pytest.mark.parametrize("script", [overhead, interleaved], ids=["overhead", "interleaved"])
+def test_hook_from_runs_each_logged_arm_again_with_another_trees_hook(
+    script, tmp_path: Path, capsys
+) -> None:
+    before = tmp_path / "before"
+    (before / "moeprof" / "hook").mkdir(parents=True)
+    (before / "moeprof" / "hook" / "plugin.py").write_text("")
+    args = script.parse_args(["--layers", "all", "--writer", "process", "--hook-from", str(before)])
+    assert [a.name for a in args.arms] == ["logged[all]/process", "logged[all]/process@before"]
+    now, then = args.arms
+    assert now.env() == {"VLLM_LOG_MOE_WRITER": "process"}
+    assert then.env()["VLLM_LOG_MOE_WRITER"] == "process"
+    assert then.env()["PYTHONPATH"].split(os.pathsep)[0] == str(before)  # its moeprof first
+    assert then.env()["PYTHONSAFEPATH"] == "1"  # not the working directory's
+    assert now.slug != then.slug  # their logs do not collide
+    with pytest.raises(SystemExit):
+        script.parse_args(["--layers", "all", "--hook-from", str(tmp_path)])
+    assert "no moeprof/hook/plugin.py in it" in capsys.readouterr().err
+
+
 # --- bench/overhead_interleaved.py: a failed block lets its other engines go ------------------
 
 
@@ -259,3 +280,17 @@ def test_an_engine_refused_at_its_gate_exits_instead_of_waiting(
 class _NoEvents:
     def emit(self, event: str, **fields: object) -> None:
         pass
+
+
+def test_sigterm_unwinds_the_interleaved_bench_so_its_engines_are_let_go() -> None:
+    """A real SIGTERM: it raises in the bench's main thread (SystemExit, a BaseException), which
+    ``run_block`` answers by letting every engine go, as for Ctrl-C."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        interleaved.stop_on_sigterm()
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs before this ends
+        assert stopped.value.code == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, before)
