@@ -30,8 +30,9 @@ ENV_WRITER = "VLLM_LOG_MOE_WRITER"
 WRITERS = ("thread", "process")
 """Where the writer runs: a thread of vLLM's worker (the default), or a process of its own
 (:mod:`moeprof.hook.writer_process`: it never holds the worker's GIL, and a killed worker loses
-nothing it handed over). Measured side by side on the 2-core CPU VM, all 4 layers, JSONL: the
-same median cost (bench/README.md), so the default stays the one without an extra process."""
+nothing it handed over). Measured side by side on the 2-core CPU VM, all 4 layers, JSONL: about
+the same cost (process over thread per round: medians 0.972-1.009 in five comparisons, below 1
+in 28 of 52 rounds; bench/README.md), so the default stays the one without an extra process."""
 _ENV_CHECKED = "_MOEPROF_CHECKED_PATH"
 
 
