@@ -240,13 +240,25 @@ class Arm:
         """What a logged arm's engine gets in its environment besides the log path."""
         env = {"VLLM_LOG_MOE_WRITER": self.writer}
         if self.hook_from is not None:
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(self.hook_from), os.environ.get("PYTHONPATH", "")) if p
-            )
+            env["PYTHONPATH"] = first_on_pythonpath(self.hook_from)
             # ``python -m moeprof.engine_run`` would put the working directory (often another
             # moeprof checkout) before PYTHONPATH; vLLM's processes inherit the engine's path
             env["PYTHONSAFEPATH"] = "1"
         return env
+
+    def describe(self) -> dict[str, Any]:
+        """What a logged arm ran, for the results file."""
+        return {
+            "layers": self.layers,
+            "sink": self.sink,
+            "writer": self.writer,
+            "hook_from": None if self.hook_from is None else str(self.hook_from),
+        }
+
+
+def first_on_pythonpath(folder: Path) -> str:
+    """This process's ``PYTHONPATH`` with ``folder`` first."""
+    return os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def logged_arms(
@@ -443,9 +455,7 @@ def run_arm(
                 **settings.__dict__,
                 "enforce_eager": True,
                 "extra_env": {
-                    "PYTHONPATH": os.pathsep.join(
-                        p for p in (str(HERE / "naive_hook"), os.environ.get("PYTHONPATH", "")) if p
-                    ),
+                    "PYTHONPATH": first_on_pythonpath(HERE / "naive_hook"),
                     "NAIVE_MOE_LOG": str(work / f"{stem}.jsonl"),
                     "NAIVE_MOE_LAYER": str(args.naive_layer),
                 },
@@ -627,11 +637,8 @@ def summarise(
     args: argparse.Namespace,
     error: str | None,
 ) -> dict[str, Any]:
-    layers_of = {a.name: a.layers for a in args.arms}
-    sink_of = {a.name: a.sink for a in args.arms}
-    writer_of = {a.name: a.writer for a in args.arms}
-    hook_of = {a.name: a.hook_from and str(a.hook_from) for a in args.arms}
-    names = ["baseline", *layers_of]
+    of = {a.name: a for a in args.arms}
+    names = ["baseline", *of]
     base_walls = [r["wall_time_sec"]["baseline"] for r in rounds]
     arms: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -642,10 +649,7 @@ def summarise(
         ratios = [r["ratio"][name] for r in rounds]
         stats = ratio_stats(ratios, args.target)
         arms[name] |= {
-            "layers": layers_of[name],
-            "sink": sink_of[name],
-            "writer": writer_of[name],
-            "hook_from": hook_of[name],
+            **of[name].describe(),
             "ratio_vs_baseline": stats,
             "overhead_pct_median": (stats["median"] - 1) * 100,
             "target_met": stats["target_met"],

@@ -355,10 +355,7 @@ def summarise(
             stats = blocked_ratio_stats(per_block, args.target)
             checks = [b["checks"][name] for b in blocks]
             arm |= {
-                "layers": of[name].layers,
-                "sink": of[name].sink,
-                "writer": of[name].writer,
-                "hook_from": of[name].hook_from and str(of[name].hook_from),
+                **of[name].describe(),
                 "ratio_vs_baseline": stats,
                 "overhead_pct_median": (stats["median"] - 1) * 100,
                 "target_met": stats["target_met"],
