@@ -303,7 +303,12 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", help="'dummy' for random weights")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--prompts", type=int, default=25, help="first N GSM8K test questions")
-    p.add_argument("--gsm8k", type=Path, default=SHARED_GSM8K, help="local GSM8K JSONL")
+    p.add_argument(
+        "--gsm8k",
+        type=Path,
+        help="local GSM8K JSONL (default: ../shared/data/gsm8k_test.jsonl beside the project "
+        "when it is there, else the Hugging Face hub)",
+    )
     p.add_argument("--token-prompts", type=Path, help="JSON list of token-id lists (no tokenizer)")
     p.add_argument("--max-tokens", type=int, default=128)
 
@@ -416,14 +421,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def gsm8k_source(given: Path | None) -> Path | None:
+    """The local GSM8K file to read: the one given (which must exist), else the shared copy
+    beside the project when it is there; None means the Hugging Face hub."""
+    if given is None:
+        return SHARED_GSM8K if SHARED_GSM8K.is_file() else None
+    if not given.is_file():
+        raise UserError(f"--gsm8k {given}: no such file")
+    return given
+
+
 def settings_from(args: argparse.Namespace) -> generate.Settings:
+    """The run's settings; :class:`UserError` when the prompts cannot be read."""
     model, label = generate.resolve_model(args.model)
     token_prompts = None
     prompts: list[str] = []
     if args.token_prompts:
-        token_prompts = json.loads(args.token_prompts.read_text())[: args.prompts]
+        try:
+            token_prompts = json.loads(args.token_prompts.read_text())[: args.prompts]
+        except (OSError, ValueError) as e:
+            raise UserError(f"--token-prompts {args.token_prompts}: {e}") from None
     else:
-        prompts = load_gsm8k(args.prompts, args.gsm8k if args.gsm8k.is_file() else None)
+        prompts = load_gsm8k(args.prompts, gsm8k_source(args.gsm8k))
     return generate.Settings(
         model=model,
         model_label=label,
@@ -574,7 +593,11 @@ def run_round(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+    except UserError as e:
+        console.print(f"[red]error: {escape(str(e))}[/]")
+        return 2
     work, tmp = open_workdir(args.workdir)
     arms = [Arm("baseline", "baseline"), *args.arms]
     rounds: list[dict[str, Any]] = []

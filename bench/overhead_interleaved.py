@@ -439,7 +439,11 @@ def stop_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop_on_sigterm()
-    settings = overhead.settings_from(args)
+    try:
+        settings = overhead.settings_from(args)
+    except UserError as e:
+        console.print(f"[red]error: {escape(str(e))}[/]")
+        return 2
     work, tmp = overhead.open_workdir(args.workdir)
     arms = [overhead.Arm("baseline", "baseline"), *args.arms]
     blocks: list[dict[str, Any]] = []

@@ -227,6 +227,21 @@ def test_an_unknown_only_arm_is_refused_by_name(script, capsys) -> None:
 
 
 @pytest.mark.parametrize("script", [overhead, interleaved], ids=["overhead", "interleaved"])
+@pytest.mark.parametrize("option", ["--gsm8k", "--token-prompts"])
+def test_a_missing_prompt_file_is_one_line_and_exit_2_before_any_engine(
+    script, option: str, tmp_path: Path, capsys
+) -> None:
+    missing = tmp_path / "no-such.jsonl"
+    code = script.main([option, str(missing), "--workdir", str(tmp_path / "work")])
+    assert code == 2
+    out = capsys.readouterr()
+    text = " ".join((out.out + out.err).split())  # rich wraps long lines
+    assert f"{option} {missing}" in text
+    assert "Traceback" not in text
+    assert not (tmp_path / "work").exists()  # stopped before any engine was started
+
+
+@pytest.mark.parametrize("script", [overhead, interleaved], ids=["overhead", "interleaved"])
 def test_hook_from_runs_each_logged_arm_again_with_another_trees_hook(
     script, tmp_path: Path, capsys
 ) -> None:
