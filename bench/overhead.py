@@ -431,6 +431,15 @@ def gsm8k_source(given: Path | None) -> Path | None:
     return given
 
 
+def settings_or_say_why(args: argparse.Namespace) -> generate.Settings | None:
+    """:func:`settings_from`, or None after printing in one line why not (both scripts)."""
+    try:
+        return settings_from(args)
+    except UserError as e:
+        console.print(f"[red]error: {escape(str(e))}[/]")
+        return None
+
+
 def settings_from(args: argparse.Namespace) -> generate.Settings:
     """The run's settings; :class:`UserError` when the prompts cannot be read."""
     model, label = generate.resolve_model(args.model)
@@ -593,10 +602,8 @@ def run_round(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        settings = settings_from(args)
-    except UserError as e:
-        console.print(f"[red]error: {escape(str(e))}[/]")
+    settings = settings_or_say_why(args)
+    if settings is None:
         return 2
     work, tmp = open_workdir(args.workdir)
     arms = [Arm("baseline", "baseline"), *args.arms]

@@ -439,10 +439,8 @@ def stop_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop_on_sigterm()
-    try:
-        settings = overhead.settings_from(args)
-    except UserError as e:
-        console.print(f"[red]error: {escape(str(e))}[/]")
+    settings = overhead.settings_or_say_why(args)
+    if settings is None:
         return 2
     work, tmp = overhead.open_workdir(args.workdir)
     arms = [overhead.Arm("baseline", "baseline"), *args.arms]
