@@ -107,6 +107,15 @@ op handles 3-D inputs. DeepSeek-V2/V3 checkpoints use YaRN rope, which has no C+
 """
 
 
+REFERENCE_MLA: dict[str, Any] = {"attention_config": {"backend": "CPU_MLA"}}
+"""vLLM's reference CPU MLA backend (the one ``_MLA``'s shapes are for), asked for by name: on a
+CPU with AMX tiles vLLM's CPU build picks ``AMX_MLA`` by default
+(vllm/platforms/cpu.py:156), whose ``process_weights_after_loading`` packs ``W_UK`` with
+``torch.ops._C.convert_weight_packed``, which refuses float32 weights ("expect weight to be
+bfloat16, float16, int8, fp8_e4m3 or uint8"), so these float32 checkpoints would not load there.
+"""
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One architecture of the matrix."""
@@ -210,6 +219,7 @@ FAMILIES: dict[str, Family] = {
             }
             | _deepseek_yarn(1.0),
             weights="scaled",
+            llm_kwargs=REFERENCE_MLA,
             routing={
                 "scoring": "sigmoid",
                 "grouped_topk": True,
@@ -246,6 +256,7 @@ FAMILIES: dict[str, Family] = {
                 "norm_topk_prob": False,
             }
             | _deepseek_yarn(0.707),
+            llm_kwargs=REFERENCE_MLA,
             routing={"scoring": "softmax", "grouped_topk": True, "correction_bias": False},
         ),
         Family(
@@ -286,7 +297,7 @@ FAMILIES: dict[str, Family] = {
             },
             weights="scaled",
             vllm_config={"first_k_dense_replace": 1},
-            llm_kwargs=NATIVE_ROPE,
+            llm_kwargs=NATIVE_ROPE | REFERENCE_MLA,
             routing={"scoring": "sigmoid", "correction_bias": True, "correction_bias_used": True},
         ),
         Family(
